@@ -1,0 +1,1 @@
+"""dsjax: distributed LLM training on JAX/XLA."""

@@ -1,0 +1,80 @@
+"""Device mesh: degree resolution and checks against the device count, and `jax.make_mesh`.
+
+The mesh has four named axes in a fixed order, (data, pipeline, fsdp, tensor): tensor is innermost so
+its heavy per-layer collectives stay between neighbouring devices (NVLink peers), data outermost since
+it only reduces gradients once a step. All axes are `AxisType.Auto`: dsjax states shardings explicitly
+(in/out shardings and `constrain`) and lets GSPMD propagate the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import jax
+from jax.sharding import AxisType
+
+from dsjax.config import Config, ConfigError, MeshConfig, check_tensor_degree
+from dsjax.sharding import MESH_AXES
+
+
+def simulate_cpu_devices(n: int) -> None:
+    """Make JAX expose `n` CPU devices. Must run before JAX initialises a backend (first array op)."""
+    if n < 1:
+        raise ConfigError(f"--cpu-devices must be a positive integer, got {n}.")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", n)
+
+
+def resolve_degrees(mesh: MeshConfig, n_devices: int) -> dict[str, int]:
+    """Degrees in axis order with any -1 replaced by 'the rest'; their product must equal `n_devices`."""
+    degrees = mesh.degrees()
+    fixed = math.prod(d for d in degrees.values() if d != -1)
+    listed = ", ".join(f"mesh.{k}={v}" for k, v in degrees.items())
+    if -1 in degrees.values():
+        rest = next(k for k, v in degrees.items() if v == -1)
+        if n_devices % fixed:
+            raise ConfigError(
+                f"mesh.{rest}=-1 takes the devices left over, but the other degrees multiply to {fixed}, "
+                f"which does not divide the {n_devices} devices ({listed})."
+            )
+        degrees[rest] = n_devices // fixed
+    elif fixed != n_devices:
+        raise ConfigError(
+            f"the mesh degrees multiply to {fixed} but there are {n_devices} devices ({listed}); make the "
+            "product equal the device count, or set one degree to -1 to take the rest."
+        )
+    return degrees
+
+
+def check_config(config: Config, n_devices: int) -> dict[str, int]:
+    """All checks that need the device count; returns the resolved degrees."""
+    degrees = resolve_degrees(config.mesh, n_devices)
+    batch_shards = degrees["data"] * degrees["fsdp"]
+    if config.train.batch_size % batch_shards:
+        raise ConfigError(
+            f"train.batch_size ({config.train.batch_size}) must be divisible by mesh.data x mesh.fsdp "
+            f"= {degrees['data']} x {degrees['fsdp']} = {batch_shards}: each of those devices takes an equal "
+            "share of the global batch."
+        )
+    check_tensor_degree(config.model, degrees["tensor"])  # again: the dataclass may only have seen -1
+    if degrees["pipeline"] > 1:
+        raise ConfigError(
+            f"mesh.pipeline resolves to {degrees['pipeline']}: pipeline parallelism is not yet supported in "
+            "dsjax; give the devices to data, fsdp or tensor."
+        )
+    return degrees
+
+
+def make_mesh(degrees: dict[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A mesh over `devices` (default: all) with axes (data, pipeline, fsdp, tensor)."""
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = tuple(degrees[a] for a in MESH_AXES)
+    if math.prod(shape) != len(devices):
+        raise ConfigError(
+            f"mesh shape {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} "
+            f"devices, got {len(devices)}."
+        )
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)

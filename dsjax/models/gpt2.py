@@ -1,0 +1,63 @@
+"""The gpt2 family: pre-LayerNorm blocks with biases, learned positions, multi-head attention, GELU MLP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dsjax.config import ModelConfig
+from dsjax.models.layers import ParamSpec, causal_attention, layer_norm
+from dsjax.sharding import constrain
+
+LEARNED_POSITIONS = True
+
+
+def block_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    D, N, H, F = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff
+    return {
+        "ln1_scale": ParamSpec((D,), ("norm",), "ones"),
+        "ln1_bias": ParamSpec((D,), ("norm",), "zeros"),
+        "wq": ParamSpec((D, N, H), ("embed", "heads", "head_dim")),
+        "wk": ParamSpec((D, N, H), ("embed", "heads", "head_dim")),
+        "wv": ParamSpec((D, N, H), ("embed", "heads", "head_dim")),
+        "bq": ParamSpec((N, H), ("heads", "head_dim"), "zeros"),
+        "bk": ParamSpec((N, H), ("heads", "head_dim"), "zeros"),
+        "bv": ParamSpec((N, H), ("heads", "head_dim"), "zeros"),
+        "wo": ParamSpec((N, H, D), ("heads", "head_dim", "embed"), "residual"),
+        "bo": ParamSpec((D,), ("norm",), "zeros"),
+        "ln2_scale": ParamSpec((D,), ("norm",), "ones"),
+        "ln2_bias": ParamSpec((D,), ("norm",), "zeros"),
+        "w_fc": ParamSpec((D, F), ("embed", "mlp")),
+        "b_fc": ParamSpec((F,), ("mlp",), "zeros"),
+        "w_proj": ParamSpec((F, D), ("mlp", "embed"), "residual"),
+        "b_proj": ParamSpec((D,), ("norm",), "zeros"),
+    }
+
+
+def norm_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    return {
+        "scale": ParamSpec((cfg.d_model,), ("norm",), "ones"),
+        "bias": ParamSpec((cfg.d_model,), ("norm",), "zeros"),
+    }
+
+
+def final_norm(x: jax.Array, p: dict[str, jax.Array], cfg: ModelConfig) -> jax.Array:
+    return layer_norm(x, p["scale"], p["bias"], cfg.norm_eps)
+
+
+def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: ModelConfig, mesh) -> jax.Array:
+    """One decoder block. p: this layer's parameters, x (B, T, D), positions (unused here) -> (B, T, D)."""
+    del positions  # GPT-2 adds learned positions once, at the embedding
+    act = ("act_batch", "act_seq", "act_embed")
+    heads = ("act_batch", "act_seq", "act_heads", None)
+    h = layer_norm(x, p["ln1_scale"], p["ln1_bias"], cfg.norm_eps)
+    q = constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wq"]) + p["bq"], heads, mesh)
+    k = constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wk"]) + p["bk"], heads, mesh)
+    v = constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wv"]) + p["bv"], heads, mesh)
+    o = causal_attention(q, k, v, cfg.attention)  # (B, T, N, H)
+    x = constrain(x + jnp.einsum("BTNH,NHD->BTD", o, p["wo"]) + p["bo"], act, mesh)
+
+    h = layer_norm(x, p["ln2_scale"], p["ln2_bias"], cfg.norm_eps)
+    hidden = jax.nn.gelu(jnp.einsum("BTD,DF->BTF", h, p["w_fc"]) + p["b_fc"], approximate=True)
+    hidden = constrain(hidden, ("act_batch", "act_seq", "act_mlp"), mesh)
+    return constrain(x + jnp.einsum("BTF,FD->BTD", hidden, p["w_proj"]) + p["b_proj"], act, mesh)

@@ -1,0 +1,101 @@
+"""Building blocks shared by the decoder families: parameter specs, stacked layers, norms, RoPE, attention.
+
+Shapes use fixed capitals: B batch, T sequence, D embed, N query heads, K kv heads, H head dim,
+F mlp, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsjax.config import ModelConfig
+
+INITS = ("normal", "residual", "ones", "zeros")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """Shape, logical axis names and initializer of one parameter (per layer, before stacking)."""
+
+    shape: tuple[int, ...]
+    logical: tuple[str | None, ...]
+    init: str = "normal"  # 'normal' (std), 'residual' (std / sqrt(2L), GPT-2), 'ones', 'zeros'
+
+
+def make_param(spec: ParamSpec, cfg: ModelConfig, key: jax.Array, n_stack: int | None = None) -> nnx.Param:
+    """An fp32 nnx.Param initialised per `spec`, optionally stacked on a leading 'layers' axis."""
+    shape = spec.shape if n_stack is None else (n_stack, *spec.shape)
+    logical = spec.logical if n_stack is None else ("layers", *spec.logical)
+    if spec.init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    elif spec.init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    else:
+        std = cfg.init_std / (math.sqrt(2 * cfg.n_layers) if spec.init == "residual" else 1.0)
+        value = std * jax.random.normal(key, shape, jnp.float32)
+    # Randomly initialised tensors are weights and take weight decay; norms and biases do not.
+    return nnx.Param(value, logical=logical, decay=spec.init in ("normal", "residual"))
+
+
+class Group(nnx.Module):
+    """Named parameters built from specs. With `stacked=True`, L copies stacked on a leading 'layers'
+    axis, so one block can be scanned (one compiled body for all layers) and later split into pipeline
+    stages."""
+
+    def __init__(self, specs: dict[str, ParamSpec], cfg: ModelConfig, *, rngs: nnx.Rngs, stacked: bool):
+        self.names = tuple(specs)
+        for name, spec in specs.items():
+            setattr(self, name, make_param(spec, cfg, rngs.params(), n_stack=cfg.n_layers if stacked else None))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        """{name: array}; for a stacked group each array has the leading (L,) axis, the scan operand."""
+        return {name: getattr(self, name).get_value() for name in self.names}
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x (..., D) scaled to unit root-mean-square, times scale (D,)."""
+    rms = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    return x * rms * scale
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """x (..., D) to zero mean and unit variance, times scale (D,) plus bias (D,)."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (rotate-half form). x (B, T, N, H), positions (T,) -> (B, T, N, H)."""
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (H/2,)
+    angle = positions[:, None].astype(jnp.float32) * freq[None, :]  # (T, H/2)
+    sin = jnp.sin(angle)[None, :, None, :].astype(x.dtype)
+    cos = jnp.cos(angle)[None, :, None, :].astype(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def attention_impl(setting: str, dtype, head_dim: int) -> str:
+    """Resolve model.attention: 'auto' takes cuDNN's fused kernel on GPUs where it supports the dtype
+    (bf16/fp16) and head dim (a multiple of 8, at most 128), and XLA's implementation elsewhere (CPU,
+    fp32). `jax.nn.dot_product_attention` itself defaults to XLA, so the choice is made here."""
+    if setting != "auto":
+        return setting
+    on_gpu = jax.default_backend() == "gpu"
+    supported = jnp.dtype(dtype) in [jnp.dtype(d) for d in CUDNN_DTYPES] and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if on_gpu and supported else "xla"
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, setting: str = "auto") -> jax.Array:
+    """q (B, T, N, H), k and v (B, T, K, H) with N a multiple of K (grouped-query) -> (B, T, N, H)."""
+    impl = attention_impl(setting, q.dtype, q.shape[-1])
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)

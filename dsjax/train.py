@@ -1,0 +1,376 @@
+"""`python -m dsjax.train`: build a run from a config, train it, evaluate it, sample from it.
+
+Usage: python -m dsjax.train [--preset=NAME] [--out=DIR] [--cpu-devices=N] [--dry-run]
+                             [--section.field=value ...]
+
+Everything here is an importable function so notebooks and tests drive the same code: `build` makes a
+`Run` (mesh, data, sharded state, compiled steps), `fit` trains it, `evaluate` and `sample` use it,
+`train` does all of it, and `main` only parses the command line and reports errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from dsjax import data as data_lib
+from dsjax.config import Config, ConfigError, apply_overrides, help_text, preset, split_known
+from dsjax.mesh import check_config, make_mesh, simulate_cpu_devices
+from dsjax.metrics import MetricsLog, flops_per_token, peak_flops
+from dsjax.models import param_counts
+from dsjax.optim import make_optimizer, schedule
+from dsjax.sharding import describe
+from dsjax.state import TrainState, abstract_train_state, create_train_state
+from dsjax.step import batch_sharding, make_eval_step, make_next_token, make_train_step
+
+VALUE_FLAGS = ("preset", "out", "cpu-devices")
+SWITCHES = ("dry-run", "help")
+USAGE = (
+    "usage: python -m dsjax.train [--preset=NAME] [--out=DIR] [--cpu-devices=N] [--dry-run] [--section.field=value ...]"
+)
+COMPUTE_DTYPE = "float32"  # every matmul runs in fp32 until precision policies land
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message names the step."""
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one training run needs, built by `build`."""
+
+    config: Config
+    mesh: jax.sharding.Mesh
+    degrees: dict[str, int]
+    corpus: data_lib.Corpus | None
+    train_samples: object
+    val_samples: object
+    graphdef: nnx.GraphDef
+    state: TrainState  # abstract (shapes and shardings only) after build(abstract=True)
+    shardings: TrainState
+    train_step: Callable
+    eval_step: Callable
+    batch_sharding: jax.sharding.NamedSharding
+    n_params: int
+    n_matmul_params: int
+    flops_per_token: tuple[float, float]  # (PaLM, causal)
+    peak_flops: float | None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.train.batch_size * self.config.train.seq_len
+
+
+def _samples(config: Config, corpus: data_lib.Corpus | None, split: str):
+    t = config.train
+    if corpus is None:
+        return data_lib.SyntheticSamples(config.model.vocab_size, t.seq_len, t.seed + (split == "val"))
+    tokens = corpus.train if split == "train" else corpus.val
+    return data_lib.WindowSamples(tokens, t.seq_len, t.seed, shuffle=True, split=split)
+
+
+def load_data(config: Config) -> tuple[data_lib.Corpus | None, object, object]:
+    """(corpus, train samples, val samples); checks the tokenizer fits the model's vocabulary."""
+    corpus = data_lib.load_corpus(config.data)
+    if corpus is not None and corpus.vocab_size is not None and corpus.vocab_size > config.model.vocab_size:
+        raise ConfigError(
+            f"the data's tokenizer has {corpus.vocab_size} tokens but model.vocab_size is "
+            f"{config.model.vocab_size}; set --model.vocab_size={corpus.vocab_size} or larger."
+        )
+    return corpus, _samples(config, corpus, "train"), _samples(config, corpus, "val")
+
+
+def build(config: Config, devices: Sequence[jax.Device] | None = None, abstract: bool = False) -> Run:
+    """Validate against the devices, load data, create the born-sharded state and compile the steps.
+
+    With `abstract=True` nothing is allocated: the state holds only shapes and shardings (--dry-run).
+    """
+    devices = list(devices) if devices is not None else jax.devices()
+    degrees = check_config(config, len(devices))
+    corpus, train_samples, val_samples = load_data(config)
+    mesh = make_mesh(degrees, devices)
+    tx = make_optimizer(config.train)
+    make = abstract_train_state if abstract else create_train_state
+    graphdef, state, shardings = make(config.model, config.train.seed, tx, mesh)
+    n_params, n_matmul = param_counts(state.params, config.model)
+    bs = batch_sharding(mesh, config.train.batch_size, config.train.seq_len)
+    return Run(
+        config=config,
+        mesh=mesh,
+        degrees=degrees,
+        corpus=corpus,
+        train_samples=train_samples,
+        val_samples=val_samples,
+        graphdef=graphdef,
+        state=state,
+        shardings=shardings,
+        train_step=make_train_step(graphdef, tx, schedule(config.train), mesh, shardings, bs),
+        eval_step=make_eval_step(graphdef, mesh, shardings, bs),
+        batch_sharding=bs,
+        n_params=n_params,
+        n_matmul_params=n_matmul,
+        flops_per_token=flops_per_token(config.model, n_matmul, config.train.seq_len),
+        peak_flops=peak_flops(devices[0], COMPUTE_DTYPE),
+    )
+
+
+def _batch(run: Run, samples, index: int) -> jax.Array:
+    return data_lib.global_batch(
+        samples, index, run.config.train.batch_size, run.batch_sharding, run.config.model.vocab_size
+    )
+
+
+def evaluate(run: Run) -> float:
+    """Mean loss (nats/token) over train.eval_batches fixed batches of the held-out split."""
+    losses = [
+        run.eval_step(run.state.params, _batch(run, run.val_samples, i)) for i in range(run.config.train.eval_batches)
+    ]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def _shard_bytes(tree, shardings) -> int:
+    """Bytes one device holds of `tree` under `shardings` (the largest shard of each leaf)."""
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
+        shard = sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3f} GiB"
+
+
+def compile_report(run: Run, compiled, shardings: bool = False) -> str:
+    """Mesh, parameter count, FLOPs per token, per-device memory from the compiled memory analysis
+    and, with `shardings`, every parameter's sharding."""
+    state, mem = run.state, compiled.memory_analysis()
+    palm, causal = run.flops_per_token
+    lines = [
+        f"mesh: {run.degrees} over {run.mesh.devices.size} {jax.devices()[0].platform} device(s)",
+        f"parameters: {run.n_params:,} ({run.n_matmul_params:,} in matmuls)",
+        f"FLOPs/token: {palm:.4g} (PaLM count), {causal:.4g} (causal attention)",
+        "per-device memory:",
+        f"  parameters        {_gib(_shard_bytes(state.params, run.shardings.params))}",
+        f"  optimizer state   {_gib(_shard_bytes(state.opt_state, run.shardings.opt_state))}",
+    ]
+    if mem is not None:
+        lines += [
+            f"  temporaries       {_gib(mem.temp_size_in_bytes)} (activations and workspace)",
+            f"  arguments/outputs {_gib(mem.argument_size_in_bytes)} / {_gib(mem.output_size_in_bytes)} "
+            f"(aliased by donation: {_gib(mem.alias_size_in_bytes)})",
+        ]
+    if shardings:
+        lines.append("parameter shardings (path, shape, spec):")
+        lines += [f"  {path:<28} {shape!s:<22} {spec}" for path, shape, spec in describe(state.params, run.mesh)]
+    return "\n".join(lines)
+
+
+def fit(run: Run, out: Path | None = None, progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+    """Train `run.state` for train.steps; returns the logged records (also appended to out/metrics.jsonl).
+
+    Metrics are read one step late (after the next step is dispatched), so the host never waits on the
+    step it just launched, and at most two steps are in flight.
+    """
+    t = run.config.train
+    sink = MetricsLog(out / "metrics.jsonl") if out is not None else None
+    history: list[dict] = []
+
+    def record(entry: dict) -> None:
+        history.append(entry)
+        if sink is not None:
+            sink.write(entry)
+
+    step0 = int(jax.device_get(run.state.step))
+    compiled = run.train_step.lower(run.state, _batch(run, run.train_samples, step0)).compile()
+    log(compile_report(run, compiled))
+    record({"step": step0, "eval_loss": evaluate(run)})
+    bar = tqdm(total=t.steps, initial=step0, disable=not progress, unit="step", dynamic_ncols=True)
+    window_start, window_steps, pending = time.perf_counter(), 0, None
+
+    def report(step: int, metrics) -> None:
+        nonlocal window_start, window_steps
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        window_steps += 1
+        if not math.isfinite(values["loss"]):
+            raise TrainingError(
+                f"the loss became {values['loss']} at step {step + 1}; stopping before it "
+                "spreads (lower train.lr or raise train.warmup_steps)."
+            )
+        if (step + 1) % t.log_every and step + 1 != t.steps:
+            return
+        elapsed = time.perf_counter() - window_start
+        tokens_per_sec = run.tokens_per_step * window_steps / elapsed
+        mfu = [None if run.peak_flops is None else tokens_per_sec * f / run.peak_flops for f in run.flops_per_token]
+        entry = {
+            "step": step + 1,
+            **values,
+            "tokens_per_sec": tokens_per_sec,
+            "mfu": mfu[0],
+            "mfu_causal": mfu[1],
+            "step_time_s": elapsed / window_steps,
+        }
+        record(entry)
+        bar.set_postfix_str(
+            f"loss {values['loss']:.3f}  tok/s {tokens_per_sec:,.0f}  "
+            + ("MFU n/a (CPU)" if mfu[0] is None else f"MFU {100 * mfu[0]:.1f}%")
+        )
+        window_start, window_steps = time.perf_counter(), 0
+
+    try:
+        for step in range(step0, t.steps):
+            run.state, metrics = compiled(run.state, _batch(run, run.train_samples, step))
+            if pending is not None:
+                report(*pending)
+            pending = (step, metrics)
+            bar.update(1)
+            if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 != t.steps:
+                report(*pending)
+                pending = None
+                record({"step": step + 1, "eval_loss": evaluate(run)})
+                window_start, window_steps = time.perf_counter(), 0
+        if pending is not None:
+            report(*pending)
+        record({"step": t.steps, "eval_loss": evaluate(run)})
+    finally:
+        bar.close()
+        if sink is not None:
+            sink.close()
+    log(
+        f"eval loss: {history[0]['eval_loss']:.3f} at step {step0} -> {history[-1]['eval_loss']:.3f} "
+        f"at step {t.steps} (nats/token)"
+    )
+    return history
+
+
+def sample(run: Run, prompt: str, n_tokens: int, temperature: float = 0.8, seed: int = 0) -> str | None:
+    """Continue `prompt` by `n_tokens` sampled tokens; None when the data has no tokenizer."""
+    corpus = run.corpus
+    if corpus is None or corpus.encode is None:
+        return None
+    width = run.config.train.seq_len
+    next_token = make_next_token(run.graphdef, run.mesh, run.shardings, temperature)
+    tokens = list(corpus.encode(prompt)) or [0]
+    key = jax.random.key(seed)
+    for _ in range(n_tokens):
+        context = tokens[-width:]
+        window = np.zeros((1, width), np.int32)
+        window[0, : len(context)] = context
+        key, sub = jax.random.split(key)
+        tokens.append(int(next_token(run.state.params, window, len(context) - 1, sub)))
+    return corpus.decode(tokens)
+
+
+def train(
+    config: Config, out: str | Path | None = None, progress: bool = True, log: Callable[[str], None] = print
+) -> tuple[Run, list[dict]]:
+    """Build and train a run; writes config.json and metrics.jsonl to `out` when given.
+
+    The run directory is checked first but created only once the run has been built, so a config that
+    fails validation leaves nothing behind.
+    """
+    out_dir = _check_out(out) if out is not None else None
+    run = build(config)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(config.to_json() + "\n")
+    log(f"data: {run.corpus.description if run.corpus else 'synthetic tokens'}")
+    return run, fit(run, out_dir, progress, log)
+
+
+def _check_out(out: str | Path) -> Path:
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out={str(out)!r} is a file; the run directory must be a directory.")
+    if path.is_dir() and any(path.iterdir()):
+        raise ConfigError(
+            f"--out={str(out)!r} already holds files; dsjax will not mix two runs in one directory. "
+            "Choose a new --out (or remove the old run)."
+        )
+    return path
+
+
+def _default_out(preset_name: str) -> Path:
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset_name}"
+
+
+def _parse(argv: Sequence[str]) -> tuple[Config, dict]:
+    top, overrides = split_known(argv, VALUE_FLAGS, SWITCHES)
+    name = top.get("preset") or "tiny"
+    config = apply_overrides(preset(name), overrides)
+    options = {
+        "preset": name,
+        "out": top.get("out"),
+        "dry_run": "dry-run" in top,
+        "help": "help" in top,
+        "cpu_devices": None,
+    }
+    if "cpu-devices" in top:
+        try:
+            options["cpu_devices"] = int(top["cpu-devices"])
+        except ValueError:
+            raise ConfigError(f"--cpu-devices expects an integer, got {top['cpu-devices']!r}.") from None
+    return config, options
+
+
+def _main(argv: Sequence[str]) -> int:
+    if "-h" in argv:
+        argv = [a for a in argv if a != "-h"] + ["--help"]
+    config, options = _parse(argv)
+    if options["help"]:
+        print(
+            USAGE + "\n\nOptions:\n  --preset=NAME       tiny (default), gpt2-124m, llama-1b, llama-7b\n"
+            "  --out=DIR           run directory (default runs/<time>-<preset>)\n"
+            "  --cpu-devices=N     simulate N CPU devices (testing parallel layouts on one machine)\n"
+            "  --dry-run           compile the step, print memory, FLOPs and shardings; train nothing\n\n"
+            f"Config fields (defaults of --preset={options['preset']}):\n" + help_text(config)
+        )
+        return 0
+    if options["cpu_devices"] is not None:
+        simulate_cpu_devices(options["cpu_devices"])
+    if options["dry_run"]:
+        run = build(config, abstract=True)
+        batch = jax.ShapeDtypeStruct(
+            (config.train.batch_size, config.train.seq_len + 1), jnp.int32, sharding=run.batch_sharding
+        )
+        print(compile_report(run, run.train_step.lower(run.state, batch).compile(), shardings=True))
+        print("dry run: compiled the train step; nothing was trained.")
+        return 0
+    out = Path(options["out"]) if options["out"] else _default_out(options["preset"])
+    run, _ = train(config, out)
+    if config.train.sample_tokens:
+        text = sample(run, "def ", config.train.sample_tokens, seed=config.train.seed)
+        if text is not None:
+            print("sample:\n" + text)
+    print(f"run directory: {out.resolve()}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: exit 0 on success, 2 on a bad config or flag, 1 if training had to stop."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except ConfigError as err:
+        print(f"dsjax: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"dsjax: training stopped: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dsjax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
