@@ -240,6 +240,9 @@ def load_corpus(data: DataConfig) -> Corpus | None:
         return None
     if data.source == "default":
         return _load_default(data)
+    # '~' is not expanded by the shell inside --data.path=~/x, so expand it here.
+    tokenizer = data.tokenizer if data.tokenizer == "bytes" else os.path.expanduser(data.tokenizer)
+    data = dataclasses.replace(data, path=os.path.expanduser(data.path), tokenizer=tokenizer)
     if not (os.path.isfile(data.path) or os.path.isdir(data.path)):
         what = "is neither a regular file nor a directory" if os.path.exists(data.path) else "does not exist"
         raise ConfigError(f"data.path={data.path!r} {what} (data.source={data.source!r}).")

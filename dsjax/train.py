@@ -91,7 +91,7 @@ def load_data(config: Config) -> tuple[data_lib.Corpus | None, object, object]:
 
 
 def build(config: Config, devices: Sequence[jax.Device] | None = None, abstract: bool = False) -> Run:
-    """Validate against the devices, load data, create the born-sharded state and compile the steps.
+    """Validate against the devices, load data, create the born-sharded state and define the jitted steps.
 
     With `abstract=True` nothing is allocated: the state holds only shapes and shardings (--dry-run).
     """
@@ -124,7 +124,8 @@ def build(config: Config, devices: Sequence[jax.Device] | None = None, abstract:
     )
 
 
-def _batch(run: Run, samples, index: int) -> jax.Array:
+def batch_at(run: Run, samples, index: int) -> jax.Array:
+    """Global batch `index` of `samples`, sharded for the train and eval steps."""
     return data_lib.global_batch(
         samples, index, run.config.train.batch_size, run.batch_sharding, run.config.model.vocab_size
     )
@@ -133,7 +134,7 @@ def _batch(run: Run, samples, index: int) -> jax.Array:
 def evaluate(run: Run) -> float:
     """Mean loss (nats/token) over train.eval_batches fixed batches of the held-out split."""
     losses = [
-        run.eval_step(run.state.params, _batch(run, run.val_samples, i)) for i in range(run.config.train.eval_batches)
+        run.eval_step(run.state.params, batch_at(run, run.val_samples, i)) for i in range(run.config.train.eval_batches)
     ]
     return float(np.mean(jax.device_get(losses)))
 
@@ -192,7 +193,7 @@ def fit(run: Run, out: Path | None = None, progress: bool = True, log: Callable[
             sink.write(entry)
 
     step0 = int(jax.device_get(run.state.step))
-    compiled = run.train_step.lower(run.state, _batch(run, run.train_samples, step0)).compile()
+    compiled = run.train_step.lower(run.state, batch_at(run, run.train_samples, step0)).compile()
     log(compile_report(run, compiled))
     record({"step": step0, "eval_loss": evaluate(run)})
     bar = tqdm(total=t.steps, initial=step0, disable=not progress, unit="step", dynamic_ncols=True)
@@ -223,13 +224,13 @@ def fit(run: Run, out: Path | None = None, progress: bool = True, log: Callable[
         record(entry)
         bar.set_postfix_str(
             f"loss {values['loss']:.3f}  tok/s {tokens_per_sec:,.0f}  "
-            + ("MFU n/a (CPU)" if mfu[0] is None else f"MFU {100 * mfu[0]:.1f}%")
+            + ("MFU n/a" if mfu[0] is None else f"MFU {100 * mfu[0]:.1f}%")
         )
         window_start, window_steps = time.perf_counter(), 0
 
     try:
         for step in range(step0, t.steps):
-            run.state, metrics = compiled(run.state, _batch(run, run.train_samples, step))
+            run.state, metrics = compiled(run.state, batch_at(run, run.train_samples, step))
             if pending is not None:
                 report(*pending)
             pending = (step, metrics)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from dsjax.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig
-from dsjax.train import _batch, build
+from dsjax.train import batch_at, build
 
 STEPS = 5
 LAYOUTS = {
@@ -54,7 +54,7 @@ def train_losses(cfg: Config, devices) -> tuple[list[float], dict]:
     run = build(cfg, devices=devices)
     losses = []
     for step in range(STEPS):
-        run.state, metrics = run.train_step(run.state, _batch(run, run.train_samples, step))
+        run.state, metrics = run.train_step(run.state, batch_at(run, run.train_samples, step))
         losses.append(float(metrics["loss"]))  # blocks every step: bounded steps in flight on CPU
     params = jax.device_get(nnx.to_pure_dict(run.state.params))
     return losses, params, run
@@ -71,9 +71,12 @@ def reference(family: str):
 
 @pytest.mark.parametrize("family", list(MODELS))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_device(family, layout):
+def test_layout_matches_single_device(family, layout, capfd):
     ref_losses, ref_params = reference(family)
+    capfd.readouterr()
     losses, params, run = train_losses(config(MODELS[family], LAYOUTS[layout]), jax.devices())
+    # XLA warns on stderr when a sharding choice forces it to replicate a whole tensor mid-step.
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
     # The layout really is sharded: some parameter is split over each axis with degree > 1.
     specs = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(run.state.params)}
     for axis, degree in run.degrees.items():

@@ -39,7 +39,10 @@ class Decoder(nnx.Module):
         act = ("act_batch", "act_seq", "act_embed")
         T = tokens.shape[1]
         positions = jnp.arange(T, dtype=jnp.int32)
-        x = jnp.take(self.embed.get_value(), tokens, axis=0)  # (B, T, D)
+        # Gather the table's FSDP shards first (ZeRO-3 does this for every weight before use); a gather from
+        # a table split along D by the same axis that splits the batch would force a full replication.
+        table = constrain(self.embed.get_value(), ("vocab", None), mesh)
+        x = jnp.take(table, tokens, axis=0)  # (B, T, D)
         if family.LEARNED_POSITIONS:
             x = x + self.positions.get_value()[:T][None]
         x = constrain(x, act, mesh)
