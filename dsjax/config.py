@@ -38,6 +38,7 @@ def _require(ok: bool, message: str) -> None:
 FAMILIES = ("llama", "gpt2")
 DATA_SOURCES = ("default", "text", "tokens", "synthetic")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+LOSS_SCALES = ("auto", "dynamic", "static", "none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +138,7 @@ class TrainConfig:
     eval_every: int = doc(100, "steps between evaluations on the held-out split; 0 = only at the end")
     eval_batches: int = doc(4, "batches of train.batch_size sequences per evaluation")
     sample_tokens: int = doc(200, "tokens generated as a sample at the end of training; 0 = none")
+    memory_budget_gb: float = doc(0.0, "per-device memory the step may use, GiB; 0 = the device's own limit")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "log_every", "eval_batches"):
@@ -153,6 +155,7 @@ class TrainConfig:
             value = getattr(self, name)
             _require(0 <= value < 1, f"train.{name} must be in [0, 1), got {value}.")
         _require(self.eps > 0, f"train.eps must be > 0, got {self.eps}.")
+        _require(self.memory_budget_gb >= 0, f"train.memory_budget_gb must be >= 0, got {self.memory_budget_gb}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,11 +187,55 @@ def check_tensor_degree(model: ModelConfig, tensor: int) -> None:
         )
 
 
+@dataclass(frozen=True, kw_only=True)
+class PrecisionConfig:
+    policy: str = doc("fp32", "'fp32', 'bf16', 'fp16', 'pure-bf16', or 'p=f32,c=bf16,o=f32' (param/compute/output)")
+    loss_scale: str = doc("auto", "'auto' (dynamic for fp16 compute, none otherwise), 'dynamic', 'static', 'none'")
+    init_scale: float = doc(2.0**16, "initial loss scale (the fixed one for 'static')")
+    growth_interval: int = doc(2000, "finite steps in a row before the dynamic scale grows")
+    growth_factor: float = doc(2.0, "dynamic scale multiplier after growth_interval finite steps")
+    backoff_factor: float = doc(0.5, "dynamic scale multiplier after a non-finite step")
+    min_scale: float = doc(1.0, "the dynamic scale never backs off below this")
+    max_scale: float = doc(2.0**32, "the dynamic scale never grows above this")
+    max_consecutive_skips: int = doc(25, "stop training after this many non-finite (skipped) steps in a row")
+
+    def __post_init__(self):
+        from dsjax.precision import loss_scale_from_config, parse_policy  # jax-level module, imported late
+
+        parse_policy(self.policy)
+        _require(
+            self.loss_scale in LOSS_SCALES,
+            f"precision.loss_scale must be one of {LOSS_SCALES}, got {self.loss_scale!r}.",
+        )
+        _require(
+            self.max_consecutive_skips >= 1,
+            f"precision.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}.",
+        )
+        loss_scale_from_config(self)  # validates the scaler's numbers
+
+
+@dataclass(frozen=True, kw_only=True)
+class RematConfig:
+    policy: str = doc("none", "activation rematerialisation: none, full, dots, qkv_out, minimal, offload")
+    every: int = doc(1, "checkpoint every N layers (recompute N layers from one saved input); divides n_layers")
+
+    def __post_init__(self):
+        from dsjax.remat import REMAT_POLICIES
+
+        _require(
+            self.policy in REMAT_POLICIES,
+            f"remat.policy must be one of {tuple(REMAT_POLICIES)}, got {self.policy!r}.",
+        )
+        _require(self.every >= 1, f"remat.every must be >= 1, got {self.every}.")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "mesh": MeshConfig,
     "train": TrainConfig,
     "data": DataConfig,
+    "precision": PrecisionConfig,
+    "remat": RematConfig,
 }
 
 
@@ -198,8 +245,15 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    remat: RematConfig = field(default_factory=RematConfig)
 
     def __post_init__(self):
+        _require(
+            self.model.n_layers % self.remat.every == 0,
+            f"remat.every ({self.remat.every}) must divide model.n_layers ({self.model.n_layers}): layers are "
+            "checkpointed in equal groups.",
+        )
         _require(
             self.train.seq_len <= self.model.max_seq_len,
             f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}); "

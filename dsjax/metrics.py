@@ -11,6 +11,7 @@ score matrix; the causal count halves it (6 L H Q T), as MaxText now reports. `m
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import jax
@@ -52,7 +53,9 @@ class MetricsLog:
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        # JSON has no NaN or infinity: a non-finite value (a skipped step's loss) is written as null.
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dsjax.precision import GradientScaler, LossScale
 from dsjax.sharding import named
 from dsjax.state import TrainState
 
@@ -25,11 +26,17 @@ def batch_sharding(mesh: jax.sharding.Mesh, batch_size: int, seq_len: int) -> Na
     return named(BATCH_AXES, (batch_size, seq_len + 1), mesh)
 
 
-def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array, mesh) -> jax.Array:
-    """Mean next-token cross-entropy in nats, computed in fp32."""
-    model = nnx.merge(graphdef, params)
-    logits = model(batch[:, :-1], mesh)  # (B, T, V)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+def next_token_loss(logits: jax.Array, batch: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in nats, reduced in fp32. logits (B, T, V), batch (B, T+1)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch[:, 1:]).mean()
+
+
+def loss_fn(
+    graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array, mesh, objective: Callable = next_token_loss
+) -> jax.Array:
+    """objective(model(inputs), batch); the model computes in its precision policy's dtype."""
+    logits = nnx.merge(graphdef, params)(batch[:, :-1], mesh)  # (B, T, V)
+    return objective(logits, batch)
 
 
 def make_train_step(
@@ -39,15 +46,38 @@ def make_train_step(
     mesh: jax.sharding.Mesh,
     shardings: TrainState,
     batch_shard: NamedSharding,
+    loss_scale: LossScale,
+    objective: Callable = next_token_loss,
 ) -> Callable:
-    """jit(train_step): (state, batch) -> (state, metrics), metrics as device scalars."""
+    """jit(train_step): (state, batch) -> (state, metrics), metrics as device scalars.
+
+    The step is the seed's GradientScaler sequence: scale the loss, differentiate, unscale, apply the
+    update only if every gradient is finite, update the scale. The gradients it tests are the global
+    ones (jit has already reduced them across replicas), so every replica makes the same decision.
+    Clipping (inside `tx`) sees unscaled gradients.
+    """
+    scaler = GradientScaler(loss_scale)
 
     def train_step(state: TrainState, batch: jax.Array):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, batch, mesh))(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        def scaled(params):
+            loss = loss_fn(graphdef, params, batch, mesh, objective)
+            return scaler.scale(loss, state.loss_scale), loss
+
+        (_, loss), grads = jax.value_and_grad(scaled, has_aux=True)(state.params)
+        grads = scaler.unscale(grads, state.loss_scale)
+        params, opt_state, finite = scaler.step(tx, grads, state.opt_state, state.params)
+        loss_scale_state = scaler.update(state.loss_scale, finite)
+        applied = state.step - state.loss_scale.skipped_steps  # optimizer updates before this step
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(applied),
+            "loss_scale": state.loss_scale.scale,
+            "skipped_steps": loss_scale_state.skipped_steps,
+            "consecutive_skips": loss_scale_state.consecutive_skips,
+        }
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=loss_scale_state)
+        return new_state, metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(

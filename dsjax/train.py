@@ -11,7 +11,6 @@ Everything here is an importable function so notebooks and tests drive the same 
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,11 +23,14 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from dsjax import data as data_lib
+from dsjax import memory
 from dsjax.config import Config, ConfigError, apply_overrides, help_text, preset, split_known
 from dsjax.mesh import check_config, make_mesh, simulate_cpu_devices
 from dsjax.metrics import MetricsLog, flops_per_token, peak_flops
 from dsjax.models import param_counts
 from dsjax.optim import make_optimizer, schedule
+from dsjax.precision import loss_scale_from_config, parse_policy
+from dsjax.remat import check_platform
 from dsjax.sharding import describe
 from dsjax.state import TrainState, abstract_train_state, create_train_state
 from dsjax.step import batch_sharding, make_eval_step, make_next_token, make_train_step
@@ -38,11 +40,10 @@ SWITCHES = ("dry-run", "help")
 USAGE = (
     "usage: python -m dsjax.train [--preset=NAME] [--out=DIR] [--cpu-devices=N] [--dry-run] [--section.field=value ...]"
 )
-COMPUTE_DTYPE = "float32"  # every matmul runs in fp32 until precision policies land
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message names the step."""
+    """Training cannot go on (too many non-finite steps in a row); the message names the steps."""
 
 
 @dataclasses.dataclass
@@ -97,11 +98,13 @@ def build(config: Config, devices: Sequence[jax.Device] | None = None, abstract:
     """
     devices = list(devices) if devices is not None else jax.devices()
     degrees = check_config(config, len(devices))
+    check_platform(config.remat.policy, devices[0].platform)
     corpus, train_samples, val_samples = load_data(config)
     mesh = make_mesh(degrees, devices)
     tx = make_optimizer(config.train)
+    loss_scale = loss_scale_from_config(config.precision)
     make = abstract_train_state if abstract else create_train_state
-    graphdef, state, shardings = make(config.model, config.train.seed, tx, mesh)
+    graphdef, state, shardings = make(config, tx, loss_scale, mesh)
     n_params, n_matmul = param_counts(state.params, config.model)
     bs = batch_sharding(mesh, config.train.batch_size, config.train.seq_len)
     return Run(
@@ -114,13 +117,13 @@ def build(config: Config, devices: Sequence[jax.Device] | None = None, abstract:
         graphdef=graphdef,
         state=state,
         shardings=shardings,
-        train_step=make_train_step(graphdef, tx, schedule(config.train), mesh, shardings, bs),
+        train_step=make_train_step(graphdef, tx, schedule(config.train), mesh, shardings, bs, loss_scale),
         eval_step=make_eval_step(graphdef, mesh, shardings, bs),
         batch_sharding=bs,
         n_params=n_params,
         n_matmul_params=n_matmul,
         flops_per_token=flops_per_token(config.model, n_matmul, config.train.seq_len),
-        peak_flops=peak_flops(devices[0], COMPUTE_DTYPE),
+        peak_flops=peak_flops(devices[0], parse_policy(config.precision.policy).compute.name),
     )
 
 
@@ -139,37 +142,34 @@ def evaluate(run: Run) -> float:
     return float(np.mean(jax.device_get(losses)))
 
 
-def _shard_bytes(tree, shardings) -> int:
-    """Bytes one device holds of `tree` under `shardings` (the largest shard of each leaf)."""
-    total = 0
-    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
-        shard = sharding.shard_shape(leaf.shape)
-        total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
-    return total
-
-
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.3f} GiB"
+    return f"{n / memory.GIB:.3f} GiB"
 
 
 def compile_report(run: Run, compiled, shardings: bool = False) -> str:
-    """Mesh, parameter count, FLOPs per token, per-device memory from the compiled memory analysis
-    and, with `shardings`, every parameter's sharding."""
-    state, mem = run.state, compiled.memory_analysis()
+    """Mesh, parameter count, FLOPs per token, precision and remat, per-device memory from the compiled
+    memory analysis and, with `shardings`, every parameter's sharding."""
+    state, mem, cfg = run.state, compiled.memory_analysis(), run.config
     palm, causal = run.flops_per_token
+    remat = cfg.remat.policy + (f" every {cfg.remat.every} layers" if cfg.remat.policy != "none" else "")
     lines = [
-        f"mesh: {run.degrees} over {run.mesh.devices.size} {jax.devices()[0].platform} device(s)",
+        f"mesh: {run.degrees} over {run.mesh.devices.size} {run.mesh.devices.flat[0].platform} device(s)",
         f"parameters: {run.n_params:,} ({run.n_matmul_params:,} in matmuls)",
         f"FLOPs/token: {palm:.4g} (PaLM count), {causal:.4g} (causal attention)",
+        f"precision: {cfg.precision.policy} ({parse_policy(cfg.precision.policy)}), loss scale "
+        f"{type(loss_scale_from_config(cfg.precision)).__name__}; remat: {remat}",
         "per-device memory:",
-        f"  parameters        {_gib(_shard_bytes(state.params, run.shardings.params))}",
-        f"  optimizer state   {_gib(_shard_bytes(state.opt_state, run.shardings.opt_state))}",
+        f"  parameters        {_gib(memory.shard_bytes(state.params, run.shardings.params))}",
+        f"  optimizer state   {_gib(memory.shard_bytes(state.opt_state, run.shardings.opt_state))}",
     ]
     if mem is not None:
+        limit, source = memory.budget(cfg, run.mesh.devices.flat[0])
         lines += [
             f"  temporaries       {_gib(mem.temp_size_in_bytes)} (activations and workspace)",
             f"  arguments/outputs {_gib(mem.argument_size_in_bytes)} / {_gib(mem.output_size_in_bytes)} "
             f"(aliased by donation: {_gib(mem.alias_size_in_bytes)})",
+            f"  step total        {_gib(memory.step_bytes(mem))}"
+            + ("" if limit is None else f" of {_gib(limit)} ({source})"),
         ]
     if shardings:
         lines.append("parameter shardings (path, shape, spec):")
@@ -195,18 +195,23 @@ def fit(run: Run, out: Path | None = None, progress: bool = True, log: Callable[
     step0 = int(jax.device_get(run.state.step))
     compiled = run.train_step.lower(run.state, batch_at(run, run.train_samples, step0)).compile()
     log(compile_report(run, compiled))
+    memory.preflight(run.config, compiled.memory_analysis(), run.mesh.devices.flat[0], run.degrees)
     record({"step": step0, "eval_loss": evaluate(run)})
     bar = tqdm(total=t.steps, initial=step0, disable=not progress, unit="step", dynamic_ncols=True)
     window_start, window_steps, pending = time.perf_counter(), 0, None
 
+    max_skips = run.config.precision.max_consecutive_skips
+
     def report(step: int, metrics) -> None:
         nonlocal window_start, window_steps
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        values = {k: v.item() for k, v in jax.device_get(metrics).items()}
         window_steps += 1
-        if not math.isfinite(values["loss"]):
+        if values["consecutive_skips"] >= max_skips:
             raise TrainingError(
-                f"the loss became {values['loss']} at step {step + 1}; stopping before it "
-                "spreads (lower train.lr or raise train.warmup_steps)."
+                f"step {step + 1} was the {values['consecutive_skips']}th non-finite step in a row "
+                f"(precision.max_consecutive_skips = {max_skips}); the last finite step was "
+                f"{step + 1 - values['consecutive_skips']}. No non-finite update was applied. Lower train.lr, "
+                "raise train.warmup_steps, or use --precision.policy=bf16 if fp16 overflows in the forward pass."
             )
         if (step + 1) % t.log_every and step + 1 != t.steps:
             return
@@ -344,7 +349,12 @@ def _main(argv: Sequence[str]) -> int:
         batch = jax.ShapeDtypeStruct(
             (config.train.batch_size, config.train.seq_len + 1), jnp.int32, sharding=run.batch_sharding
         )
-        print(compile_report(run, run.train_step.lower(run.state, batch).compile(), shardings=True))
+        compiled = run.train_step.lower(run.state, batch).compile()
+        print(compile_report(run, compiled, shardings=True))
+        try:
+            memory.preflight(config, compiled.memory_analysis(), run.mesh.devices.flat[0], run.degrees)
+        except ConfigError as err:
+            print(f"preflight: a real run would stop here: {err}")
         print("dry run: compiled the train step; nothing was trained.")
         return 0
     out = Path(options["out"]) if options["out"] else _default_out(options["preset"])

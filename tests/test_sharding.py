@@ -4,9 +4,10 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dsjax.config import ModelConfig, TrainConfig
+from dsjax.config import Config, ModelConfig, TrainConfig
 from dsjax.mesh import make_mesh
 from dsjax.optim import make_optimizer
+from dsjax.precision import NoOpLossScale
 from dsjax.sharding import LOGICAL_RULES, constrain, describe, resolve
 from dsjax.state import create_train_state
 
@@ -64,7 +65,9 @@ def test_constrain_is_identity_without_a_mesh():
 def test_state_is_born_sharded_and_optimizer_state_follows_params():
     m = mesh(fsdp=4, tensor=2)
     cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=256, max_seq_len=32)
-    _, state, _ = create_train_state(cfg, 0, make_optimizer(TrainConfig()), m)
+    _, state, _ = create_train_state(
+        Config(model=cfg, train=TrainConfig(seq_len=32)), make_optimizer(TrainConfig()), NoOpLossScale(), m
+    )
     wq = state.params["blocks"]["wq"].get_value()
     assert wq.sharding.spec == P(None, "fsdp", "tensor")
     assert wq.addressable_shards[0].data.shape == (2, 8, 2, 8)  # (L, D/4, N/2, H): only a shard per device

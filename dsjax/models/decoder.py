@@ -13,50 +13,67 @@ from flax import nnx
 from dsjax.config import ModelConfig
 from dsjax.models import gpt2, llama
 from dsjax.models.layers import Group, ParamSpec, make_param
+from dsjax.precision import POLICIES, Policy, compute_dtype
+from dsjax.remat import scan_layers
 from dsjax.sharding import constrain
 
 FAMILIES = {"llama": llama, "gpt2": gpt2}
 
 
 class Decoder(nnx.Module):
-    """tokens (B, T) int32 -> logits (B, T, V) float32."""
+    """tokens (B, T) int32 -> logits (B, T, V) in the policy's output dtype.
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
+    `policy` sets the parameter dtype and the default compute dtype (an enclosing `dsjax.amp.autocast`
+    overrides the latter); `remat_policy` / `remat_every` choose activation rematerialisation over the
+    scanned layers (see dsjax.remat).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        policy: Policy = POLICIES["fp32"],
+        remat_policy: str = "none",
+        remat_every: int = 1,
+    ):
+        self.cfg, self.policy, self.remat_policy, self.remat_every = cfg, policy, remat_policy, remat_every
         family = FAMILIES[cfg.family]
-        D, V = cfg.d_model, cfg.vocab_size
-        self.embed = make_param(ParamSpec((V, D), ("vocab", "embed")), cfg, rngs.params())
+        D, V, dtype = cfg.d_model, cfg.vocab_size, policy.param
+        self.embed = make_param(ParamSpec((V, D), ("vocab", "embed")), cfg, rngs.params(), dtype=dtype)
         if family.LEARNED_POSITIONS:
-            self.positions = make_param(ParamSpec((cfg.max_seq_len, D), (None, "embed")), cfg, rngs.params())
-        self.blocks = Group(family.block_params(cfg), cfg, rngs=rngs, stacked=True)
-        self.final_norm = Group(family.norm_params(cfg), cfg, rngs=rngs, stacked=False)
+            spec = ParamSpec((cfg.max_seq_len, D), (None, "embed"))
+            self.positions = make_param(spec, cfg, rngs.params(), dtype=dtype)
+        self.blocks = Group(family.block_params(cfg), cfg, rngs=rngs, stacked=True, dtype=dtype)
+        self.final_norm = Group(family.norm_params(cfg), cfg, rngs=rngs, stacked=False, dtype=dtype)
         if not cfg.tie_embeddings:
-            self.lm_head = make_param(ParamSpec((D, V), ("embed", "vocab")), cfg, rngs.params())
+            self.lm_head = make_param(ParamSpec((D, V), ("embed", "vocab")), cfg, rngs.params(), dtype=dtype)
 
     def __call__(self, tokens: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
         cfg = self.cfg
         family = FAMILIES[cfg.family]
+        dtype = compute_dtype(self.policy.compute)
         act = ("act_batch", "act_seq", "act_embed")
         T = tokens.shape[1]
         positions = jnp.arange(T, dtype=jnp.int32)
         # Gather the table's FSDP shards first (ZeRO-3 does this for every weight before use); a gather from
         # a table split along D by the same axis that splits the batch would force a full replication.
         table = constrain(self.embed.get_value(), ("vocab", None), mesh)
-        x = jnp.take(table, tokens, axis=0)  # (B, T, D)
+        x = jnp.take(table, tokens, axis=0).astype(dtype)  # (B, T, D)
         if family.LEARNED_POSITIONS:
-            x = x + self.positions.get_value()[:T][None]
+            x = x + self.positions.get_value()[:T][None].astype(dtype)
         x = constrain(x, act, mesh)
 
-        def body(x, layer_params):
-            return family.block(layer_params, x, positions, cfg, mesh), None
+        def block(layer_params, x):
+            return family.block(layer_params, x, positions, cfg, mesh)
 
-        x, _ = jax.lax.scan(body, x, self.blocks.arrays())
+        x = scan_layers(block, x, self.blocks.arrays(), self.remat_policy, self.remat_every)
         x = family.final_norm(x, self.final_norm.arrays(), cfg)
-        if cfg.tie_embeddings:
-            logits = jnp.einsum("BTD,VD->BTV", x, self.embed.get_value())
-        else:
-            logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head.get_value())
-        return constrain(logits.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"), mesh)
+        head = self.embed.get_value() if cfg.tie_embeddings else self.lm_head.get_value()
+        spec = "BTD,VD->BTV" if cfg.tie_embeddings else "BTD,DV->BTV"
+        # The LM head accumulates in fp32 whatever the compute dtype: logits feed a softmax over V entries.
+        logits = jnp.einsum(spec, x, head.astype(dtype), preferred_element_type=jnp.float32)
+        return constrain(logits.astype(self.policy.output), ("act_batch", "act_seq", "act_vocab"), mesh)
 
 
 def param_counts(state: nnx.State, cfg: ModelConfig) -> tuple[int, int]:

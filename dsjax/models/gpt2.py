@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.config import ModelConfig
-from dsjax.models.layers import ParamSpec, causal_attention, layer_norm
+from dsjax.models.layers import ParamSpec, cast, causal_attention, layer_norm
 from dsjax.sharding import constrain
 
 LEARNED_POSITIONS = True
@@ -46,18 +47,21 @@ def final_norm(x: jax.Array, p: dict[str, jax.Array], cfg: ModelConfig) -> jax.A
 
 
 def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: ModelConfig, mesh) -> jax.Array:
-    """One decoder block. p: this layer's parameters, x (B, T, D), positions (unused here) -> (B, T, D)."""
+    """One decoder block in x's dtype. p: this layer's parameters, x (B, T, D), positions (unused) -> (B, T, D)."""
     del positions  # GPT-2 adds learned positions once, at the embedding
+    p = cast(p, x.dtype)
     act = ("act_batch", "act_seq", "act_embed")
     heads = ("act_batch", "act_seq", "act_heads", None)
     h = layer_norm(x, p["ln1_scale"], p["ln1_bias"], cfg.norm_eps)
-    q = constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wq"]) + p["bq"], heads, mesh)
-    k = constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wk"]) + p["bk"], heads, mesh)
-    v = constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wv"]) + p["bv"], heads, mesh)
-    o = causal_attention(q, k, v, cfg.attention)  # (B, T, N, H)
-    x = constrain(x + jnp.einsum("BTNH,NHD->BTD", o, p["wo"]) + p["bo"], act, mesh)
+    q = checkpoint_name(constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wq"]) + p["bq"], heads, mesh), "query_proj")
+    k = checkpoint_name(constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wk"]) + p["bk"], heads, mesh), "key_proj")
+    v = checkpoint_name(constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wv"]) + p["bv"], heads, mesh), "value_proj")
+    o = checkpoint_name(causal_attention(q, k, v, cfg.attention), "context")  # (B, T, N, H)
+    out = jnp.einsum("BTNH,NHD->BTD", o, p["wo"]) + p["bo"]
+    x = x + checkpoint_name(constrain(out, act, mesh), "out_proj")
 
     h = layer_norm(x, p["ln2_scale"], p["ln2_bias"], cfg.norm_eps)
-    hidden = jax.nn.gelu(jnp.einsum("BTD,DF->BTF", h, p["w_fc"]) + p["b_fc"], approximate=True)
-    hidden = constrain(hidden, ("act_batch", "act_seq", "act_mlp"), mesh)
-    return constrain(x + jnp.einsum("BTF,FD->BTD", hidden, p["w_proj"]) + p["b_proj"], act, mesh)
+    hidden = checkpoint_name(jnp.einsum("BTD,DF->BTF", h, p["w_fc"]) + p["b_fc"], "mlpwi_0")
+    hidden = constrain(jax.nn.gelu(hidden, approximate=True), ("act_batch", "act_seq", "act_mlp"), mesh)
+    out = jnp.einsum("BTF,FD->BTD", hidden, p["w_proj"]) + p["b_proj"]
+    return x + checkpoint_name(constrain(out, act, mesh), "mlpwo")

@@ -27,8 +27,11 @@ class ParamSpec:
     init: str = "normal"  # 'normal' (std), 'residual' (std / sqrt(2L), GPT-2), 'ones', 'zeros'
 
 
-def make_param(spec: ParamSpec, cfg: ModelConfig, key: jax.Array, n_stack: int | None = None) -> nnx.Param:
-    """An fp32 nnx.Param initialised per `spec`, optionally stacked on a leading 'layers' axis."""
+def make_param(
+    spec: ParamSpec, cfg: ModelConfig, key: jax.Array, n_stack: int | None = None, dtype=jnp.float32
+) -> nnx.Param:
+    """An nnx.Param of `dtype` initialised per `spec` (drawn in fp32), optionally stacked on a leading
+    'layers' axis."""
     shape = spec.shape if n_stack is None else (n_stack, *spec.shape)
     logical = spec.logical if n_stack is None else ("layers", *spec.logical)
     if spec.init == "ones":
@@ -39,7 +42,7 @@ def make_param(spec: ParamSpec, cfg: ModelConfig, key: jax.Array, n_stack: int |
         std = cfg.init_std / (math.sqrt(2 * cfg.n_layers) if spec.init == "residual" else 1.0)
         value = std * jax.random.normal(key, shape, jnp.float32)
     # Randomly initialised tensors are weights and take weight decay; norms and biases do not.
-    return nnx.Param(value, logical=logical, decay=spec.init in ("normal", "residual"))
+    return nnx.Param(value.astype(dtype), logical=logical, decay=spec.init in ("normal", "residual"))
 
 
 class Group(nnx.Module):
@@ -47,10 +50,13 @@ class Group(nnx.Module):
     axis, so one block can be scanned (one compiled body for all layers) and later split into pipeline
     stages."""
 
-    def __init__(self, specs: dict[str, ParamSpec], cfg: ModelConfig, *, rngs: nnx.Rngs, stacked: bool):
+    def __init__(
+        self, specs: dict[str, ParamSpec], cfg: ModelConfig, *, rngs: nnx.Rngs, stacked: bool, dtype=jnp.float32
+    ):
         self.names = tuple(specs)
         for name, spec in specs.items():
-            setattr(self, name, make_param(spec, cfg, rngs.params(), n_stack=cfg.n_layers if stacked else None))
+            n_stack = cfg.n_layers if stacked else None
+            setattr(self, name, make_param(spec, cfg, rngs.params(), n_stack=n_stack, dtype=dtype))
 
     def arrays(self) -> dict[str, jax.Array]:
         """{name: array}; for a stacked group each array has the leading (L,) axis, the scan operand."""
@@ -58,16 +64,24 @@ class Group(nnx.Module):
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """x (..., D) scaled to unit root-mean-square, times scale (D,)."""
-    rms = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
-    return x * rms * scale
+    """x (..., D) scaled to unit root-mean-square, times scale (D,). Statistics in fp32; returns x.dtype."""
+    x32 = x.astype(jnp.float32)
+    rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (x32 * rms * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """x (..., D) to zero mean and unit variance, times scale (D,) plus bias (D,)."""
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+    """x (..., D) to zero mean and unit variance, times scale (D,) plus bias (D,). Statistics in fp32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def cast(params: dict[str, jax.Array], dtype) -> dict[str, jax.Array]:
+    """A layer's parameters in the compute dtype (norm parameters are upcast again inside the norms)."""
+    return {name: value.astype(dtype) for name, value in params.items()}
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -98,4 +112,11 @@ def attention_impl(setting: str, dtype, head_dim: int) -> str:
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, setting: str = "auto") -> jax.Array:
     """q (B, T, N, H), k and v (B, T, K, H) with N a multiple of K (grouped-query) -> (B, T, N, H)."""
     impl = attention_impl(setting, q.dtype, q.shape[-1])
+    if impl == "xla" and q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+        # XLA's CPU backend has no fp16 x fp16 -> fp32 dot, which the XLA attention path asks for; run it
+        # in fp32 there (CPU runs are for correctness, not speed).
+        out = jax.nn.dot_product_attention(
+            *(a.astype(jnp.float32) for a in (q, k, v)), is_causal=True, implementation=impl
+        )
+        return out.astype(q.dtype)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)

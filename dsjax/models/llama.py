@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.config import ModelConfig
-from dsjax.models.layers import ParamSpec, causal_attention, rms_norm, rope
+from dsjax.models.layers import ParamSpec, cast, causal_attention, rms_norm, rope
 from dsjax.sharding import constrain
 
 LEARNED_POSITIONS = False
@@ -36,18 +37,20 @@ def norm_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
 
 
 def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: ModelConfig, mesh) -> jax.Array:
-    """One decoder block. p: this layer's parameters, x (B, T, D), positions (T,) -> (B, T, D)."""
+    """One decoder block in x's dtype. p: this layer's parameters, x (B, T, D), positions (T,) -> (B, T, D)."""
+    p = cast(p, x.dtype)
     act = ("act_batch", "act_seq", "act_embed")
+    heads, kv_heads = ("act_batch", "act_seq", "act_heads", None), ("act_batch", "act_seq", "act_kv_heads", None)
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q = constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wq"]), ("act_batch", "act_seq", "act_heads", None), mesh)
-    k = constrain(jnp.einsum("BTD,DKH->BTKH", h, p["wk"]), ("act_batch", "act_seq", "act_kv_heads", None), mesh)
-    v = constrain(jnp.einsum("BTD,DKH->BTKH", h, p["wv"]), ("act_batch", "act_seq", "act_kv_heads", None), mesh)
+    q = checkpoint_name(constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wq"]), heads, mesh), "query_proj")
+    k = checkpoint_name(constrain(jnp.einsum("BTD,DKH->BTKH", h, p["wk"]), kv_heads, mesh), "key_proj")
+    v = checkpoint_name(constrain(jnp.einsum("BTD,DKH->BTKH", h, p["wv"]), kv_heads, mesh), "value_proj")
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-    o = causal_attention(q, k, v, cfg.attention)  # (B, T, N, H)
-    x = constrain(x + jnp.einsum("BTNH,NHD->BTD", o, p["wo"]), act, mesh)
+    o = checkpoint_name(causal_attention(q, k, v, cfg.attention), "context")  # (B, T, N, H)
+    x = x + checkpoint_name(constrain(jnp.einsum("BTNH,NHD->BTD", o, p["wo"]), act, mesh), "out_proj")
 
     h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    gate = jnp.einsum("BTD,DF->BTF", h, p["w_gate"])
-    up = jnp.einsum("BTD,DF->BTF", h, p["w_up"])
+    gate = checkpoint_name(jnp.einsum("BTD,DF->BTF", h, p["w_gate"]), "mlpwi_0")
+    up = checkpoint_name(jnp.einsum("BTD,DF->BTF", h, p["w_up"]), "mlpwi_1")
     hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"), mesh)
-    return constrain(x + jnp.einsum("BTF,FD->BTD", hidden, p["w_down"]), act, mesh)
+    return x + checkpoint_name(constrain(jnp.einsum("BTF,FD->BTD", hidden, p["w_down"]), act, mesh), "mlpwo")

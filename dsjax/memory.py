@@ -1,0 +1,67 @@
+"""Per-device memory: what the compiled step needs, what the device has, and the preflight check.
+
+The compiled step's footprint is taken from XLA's memory analysis of the executable: its arguments
+plus outputs, less the buffers donation lets outputs reuse, plus temporaries (activations kept for the
+backward pass and workspace). The check runs after compilation and before step 0, so a run that cannot
+fit stops with numbers instead of dying later with an out-of-memory error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from dsjax.config import Config, ConfigError
+
+GIB = 2**30
+
+
+def shard_bytes(tree, shardings) -> int:
+    """Bytes one device holds of `tree` under `shardings` (the largest shard of each leaf)."""
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
+        total += math.prod(sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def step_bytes(mem) -> int:
+    """Peak bytes of one device for a compiled step (XLA `memory_analysis()`)."""
+    return mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+
+
+def device_limit(device: jax.Device) -> int | None:
+    """Bytes the allocator may use on `device`, where the backend reports it (GPUs, TPUs; not CPUs)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return (stats or {}).get("bytes_limit")
+
+
+def budget(config: Config, device: jax.Device) -> tuple[int | None, str]:
+    """(bytes, where the number comes from): train.memory_budget_gb if set, else the device's limit."""
+    if config.train.memory_budget_gb > 0:
+        return int(config.train.memory_budget_gb * GIB), "train.memory_budget_gb"
+    return device_limit(device), f"the memory of {device.device_kind}"
+
+
+def preflight(config: Config, mem, device: jax.Device, degrees: dict[str, int]) -> None:
+    """Raise ConfigError when the compiled step needs more than the budget, naming the knobs that help."""
+    limit, source = budget(config, device)
+    if mem is None or limit is None:
+        return
+    need = step_bytes(mem)
+    if need <= limit:
+        return
+    knobs = []
+    if config.remat.policy != "full":
+        knobs.append(f"--remat.policy=full (now {config.remat.policy}; 'minimal' or 'dots' save less)")
+    knobs.append(f"a larger --mesh.fsdp (now {degrees['fsdp']}) to shard parameters and optimizer state further")
+    knobs.append(f"a smaller --train.batch_size (now {config.train.batch_size})")
+    if config.precision.policy == "fp32":
+        knobs.append("--precision.policy=bf16 (half-size activations)")
+    raise ConfigError(
+        f"the compiled train step needs {need / GIB:.2f} GiB per device (arguments "
+        f"{mem.argument_size_in_bytes / GIB:.2f} + outputs {mem.output_size_in_bytes / GIB:.2f} - donated "
+        f"{mem.alias_size_in_bytes / GIB:.2f} + temporaries {mem.temp_size_in_bytes / GIB:.2f}), more than the "
+        f"{limit / GIB:.2f} GiB budget ({source}). What would help: " + "; ".join(knobs) + "."
+    )

@@ -1,0 +1,74 @@
+"""Activation rematerialisation: named policies over the model's `checkpoint_name` tags.
+
+The decoder tags its intermediate tensors (MaxText's names):
+    query_proj, key_proj, value_proj   q, k, v after their projections          (B, T, N|K, H)
+    context                            attention output before the out proj    (B, T, N, H)
+    out_proj                           attention block output                  (B, T, D)
+    mlpwi_0, mlpwi_1                   MLP up/gate projections (F-wide)        (B, T, F)
+    mlpwo                              MLP block output                        (B, T, D)
+
+A policy says which of them the backward pass may keep; everything else inside a checkpointed group
+of layers is recomputed from the group's input. `none` checkpoints nothing (all activations kept).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+from jax import checkpoint_policies as cp
+
+ATTENTION_NAMES = ("query_proj", "key_proj", "value_proj", "context", "out_proj")
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,  # no rematerialisation
+    "full": cp.nothing_saveable,  # keep only each group's input
+    "dots": cp.dots_with_no_batch_dims_saveable,  # keep weight matmul outputs, recompute attention/elementwise
+    "qkv_out": cp.save_only_these_names("query_proj", "key_proj", "value_proj", "out_proj"),
+    # everything but the F-wide MLP intermediates, the largest activations of a block
+    "minimal": cp.save_only_these_names(*ATTENTION_NAMES, "mlpwo"),
+    # like `minimal`, but kept in host memory and brought back for the backward pass
+    "offload": cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[*ATTENTION_NAMES, "mlpwo"],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
+}
+
+OFFLOAD_PLATFORMS = ("gpu", "tpu")
+
+
+def check_platform(policy: str, platform: str) -> None:
+    """`offload` needs a backend with pinned host memory (GPU, TPU)."""
+    from dsjax.config import ConfigError
+
+    if policy == "offload" and platform not in OFFLOAD_PLATFORMS:
+        raise ConfigError(
+            f"remat.policy='offload' keeps saved activations in pinned host memory, which the {platform} "
+            "backend does not have; use it on a GPU or TPU, or choose remat.policy=minimal (same saved "
+            "tensors, kept on the device) or full."
+        )
+
+
+def scan_layers(block: Callable, x: jax.Array, stacked: dict, policy: str = "none", every: int = 1) -> jax.Array:
+    """Apply `block(layer_params, x) -> x` for each layer of `stacked` ({name: (L, ...)}), scanned.
+
+    With a policy other than `none`, layers run in groups of `every`, each group under `jax.checkpoint`:
+    the backward pass keeps the group's input plus whatever the policy saves and recomputes the rest.
+    """
+
+    def one(x, layer):
+        return block(layer, x), None
+
+    if policy == "none":
+        return jax.lax.scan(one, x, stacked)[0]
+    n_layers = next(iter(stacked.values())).shape[0]
+    grouped = jax.tree.map(lambda a: a.reshape(n_layers // every, every, *a.shape[1:]), stacked)
+
+    def group(x, layers):
+        return jax.lax.scan(one, x, layers)[0]
+
+    # prevent_cse=False: inside scan, XLA cannot merge the recomputation into the forward pass anyway.
+    group = jax.checkpoint(group, policy=REMAT_POLICIES[policy], prevent_cse=False)
+    return jax.lax.scan(lambda x, layers: (group(x, layers), None), x, grouped)[0]
