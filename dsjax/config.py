@@ -200,7 +200,7 @@ class PrecisionConfig:
     max_consecutive_skips: int = doc(25, "stop training after this many non-finite (skipped) steps in a row")
 
     def __post_init__(self):
-        from dsjax.precision import loss_scale_from_config, parse_policy  # jax-level module, imported late
+        from dsjax.precision import dynamic_loss_scale, loss_scale_from_config, parse_policy  # imported late
 
         parse_policy(self.policy)
         _require(
@@ -211,7 +211,8 @@ class PrecisionConfig:
             self.max_consecutive_skips >= 1,
             f"precision.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}.",
         )
-        loss_scale_from_config(self)  # validates the scaler's numbers
+        dynamic_loss_scale(self)  # validates every scaling number, also those the chosen kind leaves unused
+        loss_scale_from_config(self)
 
 
 @dataclass(frozen=True, kw_only=True)

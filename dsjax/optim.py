@@ -1,5 +1,8 @@
 """The optimizer: global-norm clipping, then AdamW with linear warmup and cosine decay.
 
+`GradientScaler` (the seed's dynamic loss scaler, for hand-written train steps) is re-exported here
+from dsjax.precision, where it is defined.
+
 Weight decay applies to the weight matrices only; norms and biases are left alone. Each parameter
 declares this itself (`decay` metadata, set by the model from its initializer), so the mask needs no
 list of names.
@@ -12,6 +15,9 @@ import optax
 from flax import nnx
 
 from dsjax.config import TrainConfig
+from dsjax.precision import DynamicLossScale, GradientScaler, NoOpLossScale, StaticLossScale
+
+__all__ = ["DynamicLossScale", "GradientScaler", "NoOpLossScale", "StaticLossScale", "make_optimizer", "schedule"]
 
 
 def schedule(train: TrainConfig) -> optax.Schedule:

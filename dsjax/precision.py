@@ -14,9 +14,9 @@ optimizer state stay bit-for-bit unchanged; this holds for every policy, not onl
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -69,33 +69,35 @@ def parse_policy(text: str) -> Policy:
 # ----------------------------------------------------------------------------------------------------
 # autocast: the compute dtype for dsjax modules, read when a function is traced.
 
-_COMPUTE_DTYPE: contextvars.ContextVar[jnp.dtype | None] = contextvars.ContextVar("dsjax_compute_dtype", default=None)
+# A jit-cache-sensitive context: a function traced under one compute dtype is retraced under another.
+_COMPUTE_DTYPE = jax.make_user_context(default_value=None)
 
 
 class autocast(contextlib.ContextDecorator):
     """Run dsjax modules inside it with `dtype` as their compute dtype (context manager or decorator).
 
-    Like the seed's `ds.amp.autocast()`: `with autocast(jnp.bfloat16): logits = model(tokens)`.
-    JAX reads it while tracing, so use it inside the function you jit (a jitted function traced without
-    it keeps the dtype it was traced with).
+    Like the seed's `ds.amp.autocast()`: `with autocast(jnp.bfloat16): logits = model(tokens)`. The
+    dtype is part of JAX's compilation cache key, so a jitted function called inside and outside an
+    autocast is traced once for each dtype.
     """
 
     def __init__(self, dtype=jnp.bfloat16):
         self.dtype = jnp.dtype(dtype)
-        self._tokens: list[contextvars.Token] = []
+        self._contexts: list = []
 
     def __enter__(self):
-        self._tokens.append(_COMPUTE_DTYPE.set(self.dtype))
+        context = _COMPUTE_DTYPE(self.dtype)
+        context.__enter__()
+        self._contexts.append(context)
         return self
 
     def __exit__(self, *exc):
-        _COMPUTE_DTYPE.reset(self._tokens.pop())
-        return False
+        return self._contexts.pop().__exit__(*exc)
 
 
 def compute_dtype(default) -> jnp.dtype:
     """The dtype set by the innermost `autocast`, else `default`."""
-    dtype = _COMPUTE_DTYPE.get()
+    dtype = _COMPUTE_DTYPE.value
     return jnp.dtype(default) if dtype is None else dtype
 
 
@@ -124,6 +126,7 @@ def all_finite(tree) -> jax.Array:
 
 
 def _count(state: LossScaleState, finite: jax.Array, scale: jax.Array, good: jax.Array) -> LossScaleState:
+    finite = jnp.asarray(finite, dtype=bool)
     skipped = (~finite).astype(jnp.int32)
     return LossScaleState(
         scale=scale,
@@ -150,6 +153,10 @@ class StaticLossScale:
 
     scale: float = 2.0**15
 
+    def __post_init__(self):
+        if not (0 < self.scale < math.inf):
+            raise ConfigError(f"precision.init_scale must be a finite number > 0 for a static scale, got {self.scale}.")
+
     def init(self) -> LossScaleState:
         return _state(self.scale)
 
@@ -174,8 +181,11 @@ class DynamicLossScale:
             (self.growth_interval >= 1, f"precision.growth_interval must be >= 1, got {self.growth_interval}."),
             (self.growth_factor > 1, f"precision.growth_factor must be > 1, got {self.growth_factor}."),
             (0 < self.backoff_factor < 1, f"precision.backoff_factor must be in (0, 1), got {self.backoff_factor}."),
-            (0 < self.min_scale <= self.max_scale,
-             f"precision.min_scale ({self.min_scale}) must be > 0 and <= precision.max_scale ({self.max_scale})."),
+            (0 < self.min_scale <= self.max_scale < math.inf,
+             f"precision.min_scale ({self.min_scale}) must be > 0 and <= precision.max_scale ({self.max_scale}), "
+             "which must be finite."),
+            (self.min_scale <= self.init_scale < math.inf,
+             f"precision.init_scale ({self.init_scale}) must be finite and >= precision.min_scale ({self.min_scale})."),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
@@ -186,6 +196,7 @@ class DynamicLossScale:
         return _state(self.init_scale)
 
     def update(self, state: LossScaleState, finite: jax.Array) -> LossScaleState:
+        finite = jnp.asarray(finite, dtype=bool)
         good = state.good_steps + 1
         grow = finite & (good >= self.growth_interval)
         grown = jnp.minimum(state.scale * self.growth_factor, self.max_scale)
@@ -206,6 +217,11 @@ def loss_scale_from_config(precision) -> LossScale:
         return NoOpLossScale()
     if kind == "static":
         return StaticLossScale(precision.init_scale)
+    return dynamic_loss_scale(precision)
+
+
+def dynamic_loss_scale(precision) -> DynamicLossScale:
+    """The dynamic loss scale with a PrecisionConfig's numbers."""
     return DynamicLossScale(
         init_scale=precision.init_scale,
         growth_interval=precision.growth_interval,

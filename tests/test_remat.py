@@ -1,0 +1,107 @@
+"""Remat policies: identical gradients to no remat, less temporary memory, and the guard rails."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dsjax.config import Config, ConfigError, ModelConfig, RematConfig, TrainConfig
+from dsjax.models import Decoder
+from dsjax.remat import REMAT_POLICIES
+from dsjax.step import loss_fn
+from dsjax.train import build, main
+
+MODEL = ModelConfig(n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=128)
+SMALL_MODEL = ModelConfig(n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32)
+ON_DEVICE = [p for p in REMAT_POLICIES if p != "offload"]
+
+
+def grad_fn(policy: str, every: int, family: str = "llama", cfg: ModelConfig = MODEL):
+    """(jitted grad function, params) for a model under a remat policy; init is policy-independent."""
+    if family == "gpt2":
+        cfg = ModelConfig(**{**cfg.__dict__, "family": "gpt2", "n_kv_heads": cfg.n_heads})
+    model = Decoder(cfg, rngs=nnx.Rngs(0), remat_policy=policy, remat_every=every)
+    graphdef, params = nnx.split(model, nnx.Param)
+    return jax.jit(jax.grad(lambda p, batch: loss_fn(graphdef, p, batch, None))), params
+
+
+BATCH = jax.random.randint(jax.random.key(0), (8, 129), 0, 256)
+SMALL_BATCH = BATCH[:4, :33]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_every_policy_gives_the_gradients_of_no_remat(family):
+    ref_fn, params = grad_fn("none", 1, family, SMALL_MODEL)
+    reference = jax.tree.leaves(ref_fn(params, SMALL_BATCH))
+    for policy, every in [(p, 1) for p in ON_DEVICE if p != "none"] + [("full", 2), ("minimal", 4)]:
+        fn, same_params = grad_fn(policy, every, family, SMALL_MODEL)
+        grads = jax.tree.leaves(fn(same_params, SMALL_BATCH))
+        for got, want in zip(grads, reference, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9, err_msg=f"{policy} every={every}")
+
+
+def temp_bytes(policy: str, every: int = 1) -> int:
+    fn, params = grad_fn(policy, every)
+    return fn.lower(params, BATCH).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_full_and_dots_need_less_temporary_memory_than_none():
+    none = temp_bytes("none")
+    assert temp_bytes("full") < none
+    assert temp_bytes("dots") < none
+    assert temp_bytes("full", every=2) < none
+
+
+def test_the_gradient_program_recomputes_only_with_a_policy():
+    def jaxpr(policy):
+        model = Decoder(MODEL, rngs=nnx.Rngs(0), remat_policy=policy)
+        graphdef, params = nnx.split(model, nnx.Param)
+        return str(jax.make_jaxpr(jax.grad(lambda p: loss_fn(graphdef, p, BATCH, None)))(params))
+
+    assert "remat" not in jaxpr("none")
+    assert "remat" in jaxpr("full")
+
+
+def test_offload_is_a_clear_error_on_cpu():
+    config = Config(model=MODEL, remat=RematConfig(policy="offload"), train=TrainConfig(seq_len=32, batch_size=8))
+    with pytest.raises(ConfigError, match=r"remat\.policy='offload'.*cpu"):
+        build(config)
+
+
+def test_every_must_divide_the_layers():
+    with pytest.raises(ConfigError, match=r"remat\.every \(3\) must divide model\.n_layers \(4\)"):
+        Config(model=MODEL, remat=RematConfig(policy="full", every=3))
+    with pytest.raises(ConfigError, match=r"remat\.policy must be one of"):
+        RematConfig(policy="some")
+
+
+SMALL = ["--model.n_layers=2", "--model.d_model=32", "--model.n_heads=2", "--model.n_kv_heads=2", "--model.d_ff=64",
+         "--train.batch_size=8", "--train.seq_len=32", "--model.max_seq_len=32"]  # fmt: skip
+
+
+def test_dry_run_names_the_policies_and_the_memory(capsys):
+    assert main(["--dry-run", "--remat.policy=full", "--remat.every=2", "--precision.policy=bf16", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "remat: full every 2 layers" in out
+    assert "precision: bf16 (p=f32,c=bf16,o=f32)" in out
+    for line in ("parameters ", "optimizer state", "temporaries", "step total"):
+        assert line in out
+
+
+def test_preflight_stops_a_run_that_does_not_fit(capsys, tmp_path):
+    out = tmp_path / "run"
+    code = main([f"--out={out}", "--train.memory_budget_gb=0.0001", *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "train.memory_budget_gb" in err and "GiB per device" in err
+    for knob in ("--remat.policy=full", "--mesh.fsdp", "--train.batch_size"):
+        assert knob in err
+    assert "Traceback" not in err
+    assert main(["--dry-run", "--train.memory_budget_gb=0.0001", *SMALL]) == 0
+    assert "preflight: a real run would stop here" in capsys.readouterr().out
+
+
+def test_remat_dtype_is_unchanged():
+    fn, params = grad_fn("full", 2)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(fn(params, BATCH)))
