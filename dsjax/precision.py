@@ -263,9 +263,14 @@ class GradientScaler:
         return jax.tree.map(lambda g: (g.astype(jnp.float32) * inv).astype(g.dtype), grads)
 
     @staticmethod
-    def step(tx, grads, opt_state, params):
-        """(params, opt_state, finite): the optax update applied only where every gradient is finite."""
-        finite = all_finite(grads)
+    def step(tx, grads, opt_state, params, grad_norm: jax.Array | None = None):
+        """(params, opt_state, finite): the optax update applied only if every gradient is finite.
+
+        With `grad_norm` (the global norm, which a train step computes anyway), finiteness is read from
+        it: a norm is finite exactly when every gradient is (barring squares beyond fp32's range, ~1e19
+        per element, which is treated as overflow too), and no extra pass over the gradients is needed.
+        """
+        finite = all_finite(grads) if grad_norm is None else jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))

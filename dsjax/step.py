@@ -65,12 +65,13 @@ def make_train_step(
 
         (_, loss), grads = jax.value_and_grad(scaled, has_aux=True)(state.params)
         grads = scaler.unscale(grads, state.loss_scale)
-        params, opt_state, finite = scaler.step(tx, grads, state.opt_state, state.params)
+        grad_norm = optax.tree.norm(grads)
+        params, opt_state, finite = scaler.step(tx, grads, state.opt_state, state.params, grad_norm)
         loss_scale_state = scaler.update(state.loss_scale, finite)
         applied = state.step - state.loss_scale.skipped_steps  # optimizer updates before this step
         metrics = {
             "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "lr": schedule(applied),
             "loss_scale": state.loss_scale.scale,
             "skipped_steps": loss_scale_state.skipped_steps,

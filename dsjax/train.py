@@ -208,7 +208,7 @@ def fit(run: Run, out: Path | None = None, progress: bool = True, log: Callable[
         window_steps += 1
         if values["consecutive_skips"] >= max_skips:
             raise TrainingError(
-                f"step {step + 1} was the {values['consecutive_skips']}th non-finite step in a row "
+                f"{values['consecutive_skips']} non-finite steps in a row, up to step {step + 1} "
                 f"(precision.max_consecutive_skips = {max_skips}); the last finite step was "
                 f"{step + 1 - values['consecutive_skips']}. No non-finite update was applied. Lower train.lr, "
                 "raise train.warmup_steps, or use --precision.policy=bf16 if fp16 overflows in the forward pass."
