@@ -41,7 +41,7 @@ def budget(config: Config, device: jax.Device) -> tuple[int | None, str]:
     """(bytes, where the number comes from): train.memory_budget_gb if set, else the device's limit."""
     if config.train.memory_budget_gb > 0:
         return int(config.train.memory_budget_gb * GIB), "train.memory_budget_gb"
-    return device_limit(device), f"the memory of {device.device_kind}"
+    return device_limit(device), f"the JAX allocator's limit on {device.device_kind}"
 
 
 def preflight(config: Config, mem, device: jax.Device, degrees: dict[str, int]) -> None:
@@ -59,6 +59,8 @@ def preflight(config: Config, mem, device: jax.Device, degrees: dict[str, int]) 
     knobs.append(f"a smaller --train.batch_size (now {config.train.batch_size})")
     if config.precision.policy == "fp32":
         knobs.append("--precision.policy=bf16 (half-size activations)")
+    if source != "train.memory_budget_gb":
+        knobs.append("a larger XLA_PYTHON_CLIENT_MEM_FRACTION (JAX preallocates 75% of a GPU by default)")
     raise ConfigError(
         f"the compiled train step needs {need / GIB:.2f} GiB per device (arguments "
         f"{mem.argument_size_in_bytes / GIB:.2f} + outputs {mem.output_size_in_bytes / GIB:.2f} - donated "

@@ -2,8 +2,9 @@
 
 Usage (on a GPU machine, from the repository root):
     PYTHONPATH=. python experiments/bench_step.py --preset=gpt2-124m --batch=32 \
-        --grid=precision.policy=bf16,fp16 --grid=remat.policy=none [--set=train.seq_len=1024] [--out=FILE]
+        --grid='precision.policy=bf16|fp16' --grid=remat.policy=none [--set=train.seq_len=1024] [--out=FILE]
 
+Grid values are separated by '|' (a value may hold ',' and '=', as in 'p=f32,c=bf16,o=bf16').
 Every combination of the --grid values is built (synthetic data), compiled, run for 5 warm-up steps and
 then timed over --windows windows of --window steps each, with `jax.block_until_ready` only at the end
 of a window (BENCHMARKS.md). The reported step time is the median over windows. Memory is the compiled
@@ -76,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", required=True)
     parser.add_argument("--batch", type=int, required=True)
-    parser.add_argument("--grid", action="append", default=[], help="section.field=v1,v2,...")
+    parser.add_argument("--grid", action="append", default=[], help="section.field=v1|v2|...")
     parser.add_argument("--set", action="append", default=[], help="section.field=value for every combination")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--windows", type=int, default=20)
@@ -85,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     fixed = {"train.batch_size": str(args.batch), **dict(s.split("=", 1) for s in args.set)}
     keys = [g.split("=", 1)[0] for g in args.grid]
-    values = [g.split("=", 1)[1].split(",") for g in args.grid]
+    values = [g.split("=", 1)[1].split("|") for g in args.grid]
     for combo in itertools.product(*values):
         result = measure(
             {**fixed, **dict(zip(keys, combo, strict=True))}, args.preset, args.warmup, args.windows, args.window
