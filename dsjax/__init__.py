@@ -1,5 +1,24 @@
 """dsjax: distributed LLM training on JAX/XLA.
 
-Submodules carry the API: `dsjax.config` (Config and presets), `dsjax.train` (build / fit / train),
-`dsjax.amp` (autocast), `dsjax.optim` (GradientScaler, the optimizer), `dsjax.nn` (CheckpointModule).
+The seed's spelling works: `import dsjax as ds; ds.amp.autocast(...)`, `ds.optim.GradientScaler()`,
+`ds.nn.CheckpointModule(...)`. Importing dsjax does not start a JAX backend, so
+`dsjax.mesh.simulate_cpu_devices(n)` may still be called afterwards.
 """
+
+from dsjax import amp, mesh, nn, optim
+from dsjax.config import Config, ConfigError, preset
+from dsjax.nn import CheckpointModule
+from dsjax.precision import GradientScaler, autocast
+
+__all__ = [
+    "CheckpointModule",
+    "Config",
+    "ConfigError",
+    "GradientScaler",
+    "amp",
+    "autocast",
+    "mesh",
+    "nn",
+    "optim",
+    "preset",
+]

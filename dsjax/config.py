@@ -305,7 +305,8 @@ def tiny() -> Config:
 # The accelerator presets compute in bf16 (fp32 master weights) and recompute everything but the weight
 # matmuls: on one H100, remat 'dots' was the fastest policy for both gpt2-124m and llama-1b
 # (experiments/RESULTS.md), since saving activations costs more memory traffic than recomputing them.
-GPU_DEFAULTS = {"precision": PrecisionConfig(policy="bf16"), "remat": RematConfig(policy="dots")}
+def gpu_defaults() -> dict[str, Any]:
+    return {"precision": PrecisionConfig(policy="bf16"), "remat": RematConfig(policy="dots")}
 
 
 def gpt2_124m() -> Config:
@@ -324,7 +325,7 @@ def gpt2_124m() -> Config:
         ),
         train=TrainConfig(steps=5000, batch_size=32, seq_len=1024, lr=6e-4, warmup_steps=700, eval_every=500),
         data=DataConfig(source="synthetic"),
-        **GPU_DEFAULTS,
+        **gpu_defaults(),
     )
 
 
@@ -345,7 +346,7 @@ def llama_1b() -> Config:
         ),
         train=TrainConfig(steps=5000, batch_size=8, seq_len=2048, lr=3e-4, warmup_steps=500, eval_every=500),
         data=DataConfig(source="synthetic"),
-        **GPU_DEFAULTS,
+        **gpu_defaults(),
     )
 
 
@@ -364,7 +365,7 @@ def llama_7b() -> Config:
         ),
         train=TrainConfig(steps=5000, batch_size=8, seq_len=4096, lr=3e-4, warmup_steps=500, eval_every=500),
         data=DataConfig(source="synthetic"),
-        **GPU_DEFAULTS,
+        **gpu_defaults(),
     )
 
 

@@ -35,7 +35,7 @@ class Corpus:
     train: np.ndarray  # 1-D integer token ids (may be a np.memmap), training split
     val: np.ndarray  # 1-D integer token ids, held-out split
     vocab_size: int | None  # tokenizer's vocabulary size (256 for bytes); None for token files
-    encode: Callable[[str], list[int]]
+    encode: Callable[[str], list[int]] | None  # None for token files, which carry no tokenizer
     decode: Callable[[Sequence[int]], str]
     description: str  # one line, for logs
 
@@ -203,10 +203,6 @@ def _memmap(path: str) -> np.memmap:
     return np.memmap(path, dtype="<u2", mode="r")
 
 
-def _token_encode(text: str) -> list[int]:
-    raise ConfigError("data.source='tokens' holds pre-tokenized ids and has no tokenizer, so it cannot encode text.")
-
-
 def _token_decode(ids: Sequence[int]) -> str:
     return " ".join(str(int(t)) for t in ids)
 
@@ -231,7 +227,7 @@ def _load_tokens(data: DataConfig) -> Corpus:
     desc = f"tokens {data.path}: {how}, {len(train) / 1e6:.1f}M train / {len(val) / 1e6:.2f}M val tokens (uint16)"
     # The vocabulary is unknown: max(id) + 1 would read the whole memmap. `global_batch` checks the ids
     # of every batch it loads against the model's vocabulary instead.
-    return Corpus(train, val, None, _token_encode, _token_decode, desc)
+    return Corpus(train, val, None, None, _token_decode, desc)
 
 
 def load_corpus(data: DataConfig) -> Corpus | None:

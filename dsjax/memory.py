@@ -18,6 +18,14 @@ from dsjax.config import Config, ConfigError
 GIB = 2**30
 
 
+def fmt_bytes(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 (KiB at least)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 2**10:.2f} KiB"
+
+
 def shard_bytes(tree, shardings) -> int:
     """Bytes one device holds of `tree` under `shardings` (the largest shard of each leaf)."""
     total = 0
@@ -62,8 +70,8 @@ def preflight(config: Config, mem, device: jax.Device, degrees: dict[str, int]) 
     if source != "train.memory_budget_gb":
         knobs.append("a larger XLA_PYTHON_CLIENT_MEM_FRACTION (JAX preallocates 75% of a GPU by default)")
     raise ConfigError(
-        f"the compiled train step needs {need / GIB:.2f} GiB per device (arguments "
-        f"{mem.argument_size_in_bytes / GIB:.2f} + outputs {mem.output_size_in_bytes / GIB:.2f} - donated "
-        f"{mem.alias_size_in_bytes / GIB:.2f} + temporaries {mem.temp_size_in_bytes / GIB:.2f}), more than the "
-        f"{limit / GIB:.2f} GiB budget ({source}). What would help: " + "; ".join(knobs) + "."
+        f"the compiled train step needs {fmt_bytes(need)} per device (arguments "
+        f"{fmt_bytes(mem.argument_size_in_bytes)} + outputs {fmt_bytes(mem.output_size_in_bytes)} - donated "
+        f"{fmt_bytes(mem.alias_size_in_bytes)} + temporaries {fmt_bytes(mem.temp_size_in_bytes)}), more than the "
+        f"{fmt_bytes(limit)} budget ({source}). What would help: " + "; ".join(knobs) + "."
     )

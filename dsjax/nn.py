@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
 from dsjax.config import ConfigError
-from dsjax.remat import REMAT_POLICIES
+from dsjax.remat import REMAT_POLICIES, check_platform
 
 
 class CheckpointModule(nnx.Module):
@@ -19,6 +20,7 @@ class CheckpointModule(nnx.Module):
     def __init__(self, module: nnx.Module, policy: str = "full"):
         if policy not in REMAT_POLICIES:
             raise ConfigError(f"CheckpointModule policy must be one of {tuple(REMAT_POLICIES)}, got {policy!r}.")
+        check_platform(policy, jax.default_backend())
         self.module = module
         self.policy = policy
 

@@ -63,6 +63,11 @@ def parse_policy(text: str) -> Policy:
             f"precision.policy={text!r} is neither a named policy ({', '.join(POLICIES)}) nor of the form "
             "'p=f32,c=bf16,o=f32' (param, compute and output dtype, each one of f32, bf16, f16)."
         )
+    if DTYPES[parts["p"]] == jnp.float16:
+        raise ConfigError(
+            f"precision.policy={text!r}: fp16 master weights are not supported (AdamW's epsilon and small "
+            "updates underflow in fp16 and turn into NaN); keep p=f32 with c=f16, the 'fp16' policy."
+        )
     return _policy(DTYPES[parts["p"]], DTYPES[parts["c"]], DTYPES[parts["o"]])
 
 

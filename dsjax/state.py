@@ -25,7 +25,7 @@ from dsjax.sharding import state_shardings
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-    step: jax.Array  # int32 scalar: optimizer steps taken
+    step: jax.Array  # int32 scalar: train steps run (batches consumed), skipped ones included
     params: nnx.State  # the model's nnx.Param variables (fp32 master weights)
     opt_state: Any  # optax state; param-shaped leaves share the params' shardings
     loss_scale: LossScaleState  # loss scale and skipped-step counters (scale 1 without loss scaling)

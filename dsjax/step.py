@@ -65,7 +65,7 @@ def make_train_step(
 
         (_, loss), grads = jax.value_and_grad(scaled, has_aux=True)(state.params)
         grads = scaler.unscale(grads, state.loss_scale)
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))  # fp32 even for bf16
         params, opt_state, finite = scaler.step(tx, grads, state.opt_state, state.params, grad_norm)
         loss_scale_state = scaler.update(state.loss_scale, finite)
         applied = state.step - state.loss_scale.skipped_steps  # optimizer updates before this step

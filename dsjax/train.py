@@ -11,6 +11,7 @@ Everything here is an importable function so notebooks and tests drive the same 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from dsjax.config import Config, ConfigError, apply_overrides, help_text, preset
 from dsjax.mesh import check_config, make_mesh, simulate_cpu_devices
 from dsjax.metrics import MetricsLog, flops_per_token, peak_flops
 from dsjax.models import param_counts
+from dsjax.models.layers import attention_impl
 from dsjax.optim import make_optimizer, schedule
 from dsjax.precision import loss_scale_from_config, parse_policy
 from dsjax.remat import check_platform
@@ -65,7 +67,7 @@ class Run:
     n_params: int
     n_matmul_params: int
     flops_per_token: tuple[float, float]  # (PaLM, causal)
-    peak_flops: float | None
+    peak_flops: float | None  # dense peak of all the run's devices together, for the compute dtype
 
     @property
     def tokens_per_step(self) -> int:
@@ -98,7 +100,9 @@ def build(config: Config, devices: Sequence[jax.Device] | None = None, abstract:
     """
     devices = list(devices) if devices is not None else jax.devices()
     degrees = check_config(config, len(devices))
+    policy = parse_policy(config.precision.policy)
     check_platform(config.remat.policy, devices[0].platform)
+    attention_impl(config.model.attention, policy.compute, config.model.head_dim, devices[0].platform)
     corpus, train_samples, val_samples = load_data(config)
     mesh = make_mesh(degrees, devices)
     tx = make_optimizer(config.train)
@@ -106,6 +110,7 @@ def build(config: Config, devices: Sequence[jax.Device] | None = None, abstract:
     make = abstract_train_state if abstract else create_train_state
     graphdef, state, shardings = make(config, tx, loss_scale, mesh)
     n_params, n_matmul = param_counts(state.params, config.model)
+    _check_sharded(state.params, mesh, degrees, config)
     bs = batch_sharding(mesh, config.train.batch_size, config.train.seq_len)
     return Run(
         config=config,
@@ -123,8 +128,27 @@ def build(config: Config, devices: Sequence[jax.Device] | None = None, abstract:
         n_params=n_params,
         n_matmul_params=n_matmul,
         flops_per_token=flops_per_token(config.model, n_matmul, config.train.seq_len),
-        peak_flops=peak_flops(devices[0], parse_policy(config.precision.policy).compute.name),
+        peak_flops=_mesh_peak(devices, policy.compute.name),
     )
+
+
+def _mesh_peak(devices: Sequence[jax.Device], dtype: str) -> float | None:
+    """Dense peak FLOP/s of all devices of the run together (MFU divides global throughput by it)."""
+    one = peak_flops(devices[0], dtype)
+    return None if one is None else one * len(devices)
+
+
+def _check_sharded(params, mesh, degrees: dict[str, int], config: Config) -> None:
+    """Guard rail: with fsdp or tensor degrees > 1, some weight must actually be split."""
+    if degrees["fsdp"] * degrees["tensor"] == 1:
+        return
+    if all(spec == "P()" for _, shape, spec in describe(params, mesh) if len(shape) >= 2):
+        m = config.model
+        raise ConfigError(
+            f"mesh.fsdp={degrees['fsdp']} x mesh.tensor={degrees['tensor']}, yet no weight can be split: the "
+            f"model's dimensions (d_model={m.d_model}, d_ff={m.d_ff}, n_heads={m.n_heads}, vocab_size="
+            f"{m.vocab_size}) are not divisible by those degrees, so every device would hold a full copy."
+        )
 
 
 def batch_at(run: Run, samples, index: int) -> jax.Array:
@@ -142,10 +166,6 @@ def evaluate(run: Run) -> float:
     return float(np.mean(jax.device_get(losses)))
 
 
-def _gib(n: float) -> str:
-    return f"{n / memory.GIB:.3f} GiB"
-
-
 def compile_report(run: Run, compiled, shardings: bool = False) -> str:
     """Mesh, parameter count, FLOPs per token, precision and remat, per-device memory from the compiled
     memory analysis and, with `shardings`, every parameter's sharding."""
@@ -159,17 +179,18 @@ def compile_report(run: Run, compiled, shardings: bool = False) -> str:
         f"precision: {cfg.precision.policy} ({parse_policy(cfg.precision.policy)}), loss scale "
         f"{type(loss_scale_from_config(cfg.precision)).__name__}; remat: {remat}",
         "per-device memory:",
-        f"  parameters        {_gib(memory.shard_bytes(state.params, run.shardings.params))}",
-        f"  optimizer state   {_gib(memory.shard_bytes(state.opt_state, run.shardings.opt_state))}",
+        f"  parameters        {memory.fmt_bytes(memory.shard_bytes(state.params, run.shardings.params))}",
+        f"  optimizer state   {memory.fmt_bytes(memory.shard_bytes(state.opt_state, run.shardings.opt_state))}",
     ]
     if mem is not None:
         limit, source = memory.budget(cfg, run.mesh.devices.flat[0])
         lines += [
-            f"  temporaries       {_gib(mem.temp_size_in_bytes)} (activations and workspace)",
-            f"  arguments/outputs {_gib(mem.argument_size_in_bytes)} / {_gib(mem.output_size_in_bytes)} "
-            f"(aliased by donation: {_gib(mem.alias_size_in_bytes)})",
-            f"  step total        {_gib(memory.step_bytes(mem))}"
-            + ("" if limit is None else f" of {_gib(limit)} ({source})"),
+            f"  temporaries       {memory.fmt_bytes(mem.temp_size_in_bytes)} (activations and workspace)",
+            f"  arguments/outputs {memory.fmt_bytes(mem.argument_size_in_bytes)} / "
+            f"{memory.fmt_bytes(mem.output_size_in_bytes)} (aliased by donation: "
+            f"{memory.fmt_bytes(mem.alias_size_in_bytes)})",
+            f"  step total        {memory.fmt_bytes(memory.step_bytes(mem))}"
+            + ("" if limit is None else f" of {memory.fmt_bytes(limit)} ({source})"),
         ]
     if shardings:
         lines.append("parameter shardings (path, shape, spec):")
@@ -177,11 +198,24 @@ def compile_report(run: Run, compiled, shardings: bool = False) -> str:
     return "\n".join(lines)
 
 
-def fit(run: Run, out: Path | None = None, progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+def prepare(run: Run, log: Callable[[str], None] = print):
+    """Compile the train step for the run's next batch, log the compile report and run the memory
+    preflight (a ConfigError when the step cannot fit). Returns the compiled step."""
+    first = batch_at(run, run.train_samples, int(jax.device_get(run.state.step)))
+    compiled = run.train_step.lower(run.state, first).compile()
+    log(compile_report(run, compiled))
+    memory.preflight(run.config, compiled.memory_analysis(), run.mesh.devices.flat[0], run.degrees)
+    return compiled
+
+
+def fit(
+    run: Run, out: Path | None = None, progress: bool = True, log: Callable[[str], None] = print, compiled=None
+) -> list[dict]:
     """Train `run.state` for train.steps; returns the logged records (also appended to out/metrics.jsonl).
 
-    Metrics are read one step late (after the next step is dispatched), so the host never waits on the
-    step it just launched, and at most two steps are in flight.
+    `compiled` is the step `prepare` returned (prepared here when not given). Metrics are read one step
+    late (after the next step is dispatched), so the host never waits on the step it just launched, and
+    at most two steps are in flight.
     """
     t = run.config.train
     sink = MetricsLog(out / "metrics.jsonl") if out is not None else None
@@ -192,10 +226,8 @@ def fit(run: Run, out: Path | None = None, progress: bool = True, log: Callable[
         if sink is not None:
             sink.write(entry)
 
+    compiled = compiled if compiled is not None else prepare(run, log)
     step0 = int(jax.device_get(run.state.step))
-    compiled = run.train_step.lower(run.state, batch_at(run, run.train_samples, step0)).compile()
-    log(compile_report(run, compiled))
-    memory.preflight(run.config, compiled.memory_analysis(), run.mesh.devices.flat[0], run.degrees)
     record({"step": step0, "eval_loss": evaluate(run)})
     bar = tqdm(total=t.steps, initial=step0, disable=not progress, unit="step", dynamic_ncols=True)
     window_start, window_steps, pending = time.perf_counter(), 0, None
@@ -207,11 +239,13 @@ def fit(run: Run, out: Path | None = None, progress: bool = True, log: Callable[
         values = {k: v.item() for k, v in jax.device_get(metrics).items()}
         window_steps += 1
         if values["consecutive_skips"] >= max_skips:
+            record({"step": step + 1, **values})
             raise TrainingError(
                 f"{values['consecutive_skips']} non-finite steps in a row, up to step {step + 1} "
                 f"(precision.max_consecutive_skips = {max_skips}); the last finite step was "
-                f"{step + 1 - values['consecutive_skips']}. No non-finite update was applied. Lower train.lr, "
-                "raise train.warmup_steps, or use --precision.policy=bf16 if fp16 overflows in the forward pass."
+                f"{step + 1 - values['consecutive_skips']}. No step with non-finite gradients was applied. "
+                "Lower train.lr, raise train.warmup_steps, or use --precision.policy=bf16 if fp16 overflows in "
+                "the forward pass."
             )
         if (step + 1) % t.log_every and step + 1 != t.steps:
             return
@@ -282,22 +316,27 @@ def train(
 ) -> tuple[Run, list[dict]]:
     """Build and train a run; writes config.json and metrics.jsonl to `out` when given.
 
-    The run directory is checked first but created only once the run has been built, so a config that
-    fails validation leaves nothing behind.
+    The run directory is checked first but created only once the step has compiled and passed the
+    memory preflight, so a run rejected before training leaves nothing behind.
     """
     out_dir = _check_out(out) if out is not None else None
     run = build(config)
+    log(f"data: {run.corpus.description if run.corpus else 'synthetic tokens'}")
+    compiled = prepare(run, log)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(config.to_json() + "\n")
-    log(f"data: {run.corpus.description if run.corpus else 'synthetic tokens'}")
-    return run, fit(run, out_dir, progress, log)
+    return run, fit(run, out_dir, progress, log, compiled)
 
 
 def _check_out(out: str | Path) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out={str(out)!r} is a file; the run directory must be a directory.")
+    ancestor = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        what = "is not a directory" if not ancestor.is_dir() else "is not writable"
+        raise ConfigError(f"--out={str(out)!r} cannot be created: {ancestor} {what}.")
     if path.is_dir() and any(path.iterdir()):
         raise ConfigError(
             f"--out={str(out)!r} already holds files; dsjax will not mix two runs in one directory. "
@@ -358,7 +397,12 @@ def _main(argv: Sequence[str]) -> int:
         print("dry run: compiled the train step; nothing was trained.")
         return 0
     out = Path(options["out"]) if options["out"] else _default_out(options["preset"])
-    run, _ = train(config, out)
+    try:
+        run, _ = train(config, out)
+    except TrainingError:
+        if out.is_dir():
+            print(f"run directory: {out.resolve()}")
+        raise
     if config.train.sample_tokens:
         text = sample(run, "def ", config.train.sample_tokens, seed=config.train.seed)
         if text is not None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsjax.config import ModelConfig, preset
+from dsjax.config import ConfigError, ModelConfig, preset
 from dsjax.metrics import flops_per_token, peak_flops
 from dsjax.models import Decoder, param_counts
 from dsjax.models.layers import attention_impl
@@ -68,6 +68,11 @@ def test_peak_table():
 
 def test_attention_selection():
     assert attention_impl("xla", jnp.bfloat16, 64) == "xla"
-    assert attention_impl("cudnn", jnp.float32, 64) == "cudnn"  # explicit choice is honoured
+    assert attention_impl("cudnn", jnp.bfloat16, 64, platform="gpu") == "cudnn"  # explicit choice is honoured
     assert attention_impl("auto", jnp.bfloat16, 64) == "xla"  # on CPU
     assert attention_impl("auto", jnp.float32, 64) == "xla"
+    assert attention_impl("auto", jnp.bfloat16, 64, platform="gpu") == "cudnn"
+    assert attention_impl("auto", jnp.float32, 64, platform="gpu") == "xla"  # cuDNN has no fp32 kernel
+    assert attention_impl("auto", jnp.bfloat16, 256, platform="gpu") == "xla"  # head dim too large
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        attention_impl("cudnn", jnp.float32, 64, platform="gpu")

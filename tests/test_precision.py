@@ -57,7 +57,7 @@ def as_tuple(state: LossScaleState) -> tuple[float, int, int, int]:
         ("pure-bf16", (BF16, BF16, BF16)),
         ("p=f32,c=bf16,o=f32", (F32, BF16, F32)),
         ("p=bf16,c=f16,o=f32", (BF16, F16, F32)),
-        ("p=f16,c=f16,o=bf16", (F16, F16, BF16)),
+        ("p=f32,c=f16,o=bf16", (F32, F16, BF16)),
         ("p=float32,c=bfloat16,o=fp32", (F32, BF16, F32)),
     ],
 )
@@ -70,7 +70,7 @@ def test_parse_policy_dtypes(name, expected):
         assert isinstance(dtype, np.dtype)
 
 
-@pytest.mark.parametrize("name", [*POLICIES, "p=bf16,c=f16,o=f32", "p=f16,c=f32,o=bf16"])
+@pytest.mark.parametrize("name", [*POLICIES, "p=bf16,c=f16,o=f32", "p=bf16,c=f32,o=f16"])
 def test_policy_str_round_trips(name):
     policy = parse_policy(name)
     text = str(policy)
@@ -380,7 +380,7 @@ def test_loss_scale_from_config_auto_fp16_is_dynamic_with_config_numbers():
         assert float(ls.init().scale) == 1024.0
 
 
-@pytest.mark.parametrize("policy", ["bf16", "fp32", "pure-bf16", "p=f16,c=f32,o=f16"])
+@pytest.mark.parametrize("policy", ["bf16", "fp32", "pure-bf16", "p=bf16,c=f32,o=f16"])
 def test_loss_scale_from_config_auto_without_fp16_compute_is_noop(policy):
     assert isinstance(loss_scale_from_config(PrecisionConfig(policy=policy, loss_scale="auto")), NoOpLossScale)
 

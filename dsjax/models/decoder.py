@@ -6,13 +6,15 @@ A family module (llama.py, gpt2.py) supplies `block_params`, `block`, `norm_para
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import ModelConfig
 from dsjax.models import gpt2, llama
-from dsjax.models.layers import Group, ParamSpec, make_param
+from dsjax.models.layers import Group, ParamSpec, attention_impl, make_param
 from dsjax.precision import POLICIES, Policy, compute_dtype
 from dsjax.remat import scan_layers
 from dsjax.sharding import constrain
@@ -53,6 +55,9 @@ class Decoder(nnx.Module):
         cfg = self.cfg
         family = FAMILIES[cfg.family]
         dtype = compute_dtype(self.policy.compute)
+        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        # Resolve 'auto' once, for the devices this call runs on, and hand the blocks the concrete choice.
+        cfg = dataclasses.replace(cfg, attention=attention_impl(cfg.attention, dtype, cfg.head_dim, platform))
         act = ("act_batch", "act_seq", "act_embed")
         T = tokens.shape[1]
         positions = jnp.arange(T, dtype=jnp.int32)

@@ -49,7 +49,7 @@ def final_norm(x: jax.Array, p: dict[str, jax.Array], cfg: ModelConfig) -> jax.A
 def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: ModelConfig, mesh) -> jax.Array:
     """One decoder block in x's dtype. p: this layer's parameters, x (B, T, D), positions (unused) -> (B, T, D)."""
     del positions  # GPT-2 adds learned positions once, at the embedding
-    p = cast(p, x.dtype)
+    p = cast(p, x.dtype, keep=("ln1_scale", "ln1_bias", "ln2_scale", "ln2_bias"))
     act = ("act_batch", "act_seq", "act_embed")
     heads = ("act_batch", "act_seq", "act_heads", None)
     h = layer_norm(x, p["ln1_scale"], p["ln1_bias"], cfg.norm_eps)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsjax.config import ModelConfig
+from dsjax.config import ConfigError, ModelConfig
 
 INITS = ("normal", "residual", "ones", "zeros")
 
@@ -79,9 +79,10 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
     return y.astype(x.dtype)
 
 
-def cast(params: dict[str, jax.Array], dtype) -> dict[str, jax.Array]:
-    """A layer's parameters in the compute dtype (norm parameters are upcast again inside the norms)."""
-    return {name: value.astype(dtype) for name, value in params.items()}
+def cast(params: dict[str, jax.Array], dtype, keep: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+    """A layer's parameters in the compute dtype, except those named in `keep` (norm parameters, which
+    the norms use in fp32: rounding them to bf16 first would throw the master precision away)."""
+    return {name: value if name in keep else value.astype(dtype) for name, value in params.items()}
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -98,15 +99,26 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def attention_impl(setting: str, dtype, head_dim: int) -> str:
-    """Resolve model.attention: 'auto' takes cuDNN's fused kernel on GPUs where it supports the dtype
-    (bf16/fp16) and head dim (a multiple of 8, at most 128), and XLA's implementation elsewhere (CPU,
-    fp32). `jax.nn.dot_product_attention` itself defaults to XLA, so the choice is made here."""
-    if setting != "auto":
-        return setting
-    on_gpu = jax.default_backend() == "gpu"
-    supported = jnp.dtype(dtype) in [jnp.dtype(d) for d in CUDNN_DTYPES] and head_dim % 8 == 0 and head_dim <= 128
-    return "cudnn" if on_gpu and supported else "xla"
+def cudnn_supports(platform: str, dtype, head_dim: int) -> bool:
+    """cuDNN's fused attention: GPUs, bf16/fp16, head dim a multiple of 8 and at most 128."""
+    half = jnp.dtype(dtype) in [jnp.dtype(d) for d in CUDNN_DTYPES]
+    return platform == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128
+
+
+def attention_impl(setting: str, dtype, head_dim: int, platform: str | None = None) -> str:
+    """Resolve model.attention: 'auto' takes cuDNN's fused kernel where it supports the platform, dtype
+    and head dim, and XLA's implementation elsewhere (CPU, fp32). `jax.nn.dot_product_attention` itself
+    defaults to XLA, so the choice is made here. An explicit 'cudnn' that cannot run is a ConfigError."""
+    platform = platform or jax.default_backend()
+    if setting == "auto":
+        return "cudnn" if cudnn_supports(platform, dtype, head_dim) else "xla"
+    if setting == "cudnn" and not cudnn_supports(platform, dtype, head_dim):
+        raise ConfigError(
+            f"model.attention='cudnn' needs a GPU, bf16 or fp16 compute and a head dim that is a multiple of 8 "
+            f"and at most 128; this run has platform {platform}, compute {jnp.dtype(dtype).name}, head dim "
+            f"{head_dim}. Use model.attention=auto or xla."
+        )
+    return setting
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, setting: str = "auto") -> jax.Array:

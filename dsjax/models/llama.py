@@ -38,7 +38,7 @@ def norm_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
 
 def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: ModelConfig, mesh) -> jax.Array:
     """One decoder block in x's dtype. p: this layer's parameters, x (B, T, D), positions (T,) -> (B, T, D)."""
-    p = cast(p, x.dtype)
+    p = cast(p, x.dtype, keep=("attn_norm", "mlp_norm"))
     act = ("act_batch", "act_seq", "act_embed")
     heads, kv_heads = ("act_batch", "act_seq", "act_heads", None), ("act_batch", "act_seq", "act_kv_heads", None)
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
