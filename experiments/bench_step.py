@@ -24,6 +24,7 @@ import statistics
 import time
 
 import jax
+import jaxlib
 import numpy as np
 
 from dsjax import memory
@@ -33,9 +34,19 @@ from dsjax.train import build
 
 def measure(overrides: dict[str, str], name: str, warmup: int, windows: int, window: int) -> dict:
     config = apply_overrides(preset(name), {"data.source": "synthetic", **overrides})
-    result = {"preset": name, **overrides, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    result = {
+        "preset": name,
+        **overrides,
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "seq_len": config.train.seq_len,
+        "precision": config.precision.policy,
+        "remat": config.remat.policy,
+    }
     try:
         run = build(config)
+        result["mesh"] = run.degrees
         t = config.train
         rows = np.random.default_rng(0).integers(0, config.model.vocab_size, (t.batch_size, t.seq_len + 1))
         batch = jax.device_put(rows.astype(np.int32), run.batch_sharding)
@@ -61,6 +72,9 @@ def measure(overrides: dict[str, str], name: str, warmup: int, windows: int, win
             step_time_ms=round(1000 * step_time, 2),
             tokens_per_sec=round(tokens_per_sec),
             mfu=None if run.peak_flops is None else round(tokens_per_sec * run.flops_per_token[0] / run.peak_flops, 4),
+            mfu_causal=None
+            if run.peak_flops is None
+            else round(tokens_per_sec * run.flops_per_token[1] / run.peak_flops, 4),
             loss=float(metrics["loss"]),
             skipped_steps=int(metrics["skipped_steps"]),
             timed_steps=windows * window,
