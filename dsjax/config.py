@@ -139,6 +139,7 @@ class TrainConfig:
     eval_batches: int = doc(4, "batches of train.batch_size sequences per evaluation")
     sample_tokens: int = doc(200, "tokens generated as a sample at the end of training; 0 = none")
     memory_budget_gb: float = doc(0.0, "per-device memory the step may use, GiB; 0 = the device's own limit")
+    loss_chunk: int = doc(0, "positions per chunk of LM head + loss (bounds fp32 logits memory); 0 = all at once")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "log_every", "eval_batches"):
@@ -156,6 +157,10 @@ class TrainConfig:
             _require(0 <= value < 1, f"train.{name} must be in [0, 1), got {value}.")
         _require(self.eps > 0, f"train.eps must be > 0, got {self.eps}.")
         _require(self.memory_budget_gb >= 0, f"train.memory_budget_gb must be >= 0, got {self.memory_budget_gb}.")
+        _require(
+            self.loss_chunk >= 0 and (self.loss_chunk == 0 or self.seq_len % self.loss_chunk == 0),
+            f"train.loss_chunk ({self.loss_chunk}) must be 0 or divide train.seq_len ({self.seq_len}).",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

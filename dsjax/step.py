@@ -31,12 +31,39 @@ def next_token_loss(logits: jax.Array, batch: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch[:, 1:]).mean()
 
 
+def chunked_next_token_loss(model, batch: jax.Array, mesh, chunk: int) -> jax.Array:
+    """`next_token_loss` without ever holding the whole (B, T, V) logits: the LM head and the cross-entropy
+    run over `chunk` positions at a time, and the backward pass recomputes each chunk's logits instead of
+    storing them. For large vocabularies the fp32 logits are the largest activation of the step."""
+    x, labels = model.features(batch[:, :-1], mesh), batch[:, 1:]  # (B, T, D), (B, T)
+    B, T, D = x.shape
+    n = T // chunk
+    xs = x.reshape(B, n, chunk, D).swapaxes(0, 1)  # (n, B, c, D)
+    ys = labels.reshape(B, n, chunk).swapaxes(0, 1)  # (n, B, c)
+    head = model.head()
+
+    @jax.checkpoint
+    def one(total, xy):
+        logits = model.project(xy[0], head, mesh).astype(jnp.float32)  # (B, c, V)
+        return total + optax.softmax_cross_entropy_with_integer_labels(logits, xy[1]).sum(), None
+
+    total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), (xs, ys))
+    return total / (B * T)
+
+
 def loss_fn(
-    graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array, mesh, objective: Callable = next_token_loss
+    graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array, mesh, objective: Callable | None = None, chunk: int = 0
 ) -> jax.Array:
-    """objective(model(inputs), batch); the model computes in its precision policy's dtype."""
-    logits = nnx.merge(graphdef, params)(batch[:, :-1], mesh)  # (B, T, V)
-    return objective(logits, batch)
+    """The training loss; the model computes in its precision policy's dtype.
+
+    Without `objective`: next-token cross-entropy, in chunks of `chunk` positions when 0 < chunk < T.
+    With one: objective(logits, batch) over the full logits (custom losses, tests).
+    """
+    model = nnx.merge(graphdef, params)
+    T = batch.shape[1] - 1
+    if objective is None and 0 < chunk < T:
+        return chunked_next_token_loss(model, batch, mesh, chunk)
+    return (objective or next_token_loss)(model(batch[:, :-1], mesh), batch)
 
 
 def make_train_step(
@@ -47,7 +74,8 @@ def make_train_step(
     shardings: TrainState,
     batch_shard: NamedSharding,
     loss_scale: LossScale,
-    objective: Callable = next_token_loss,
+    objective: Callable | None = None,
+    chunk: int = 0,
 ) -> Callable:
     """jit(train_step): (state, batch) -> (state, metrics), metrics as device scalars.
 
@@ -60,7 +88,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: jax.Array):
         def scaled(params):
-            loss = loss_fn(graphdef, params, batch, mesh, objective)
+            loss = loss_fn(graphdef, params, batch, mesh, objective, chunk)
             return scaler.scale(loss, state.loss_scale), loss
 
         (_, loss), grads = jax.value_and_grad(scaled, has_aux=True)(state.params)
@@ -87,12 +115,12 @@ def make_train_step(
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh, shardings: TrainState, batch_shard: NamedSharding
+    graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh, shardings: TrainState, batch_shard: NamedSharding, chunk: int = 0
 ) -> Callable:
     """jit(eval_step): (params, batch) -> mean loss."""
 
     def eval_step(params: nnx.State, batch: jax.Array) -> jax.Array:
-        return loss_fn(graphdef, params, batch, mesh)
+        return loss_fn(graphdef, params, batch, mesh, chunk=chunk)
 
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(eval_step, in_shardings=(shardings.params, batch_shard), out_shardings=replicated)

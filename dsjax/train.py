@@ -122,8 +122,10 @@ def build(config: Config, devices: Sequence[jax.Device] | None = None, abstract:
         graphdef=graphdef,
         state=state,
         shardings=shardings,
-        train_step=make_train_step(graphdef, tx, schedule(config.train), mesh, shardings, bs, loss_scale),
-        eval_step=make_eval_step(graphdef, mesh, shardings, bs),
+        train_step=make_train_step(
+            graphdef, tx, schedule(config.train), mesh, shardings, bs, loss_scale, chunk=config.train.loss_chunk
+        ),
+        eval_step=make_eval_step(graphdef, mesh, shardings, bs, config.train.loss_chunk),
         batch_sharding=bs,
         n_params=n_params,
         n_matmul_params=n_matmul,

@@ -97,3 +97,11 @@ def test_seed_spelling_of_the_api():
     assert ds.amp.autocast is ds.autocast and ds.optim.GradientScaler is ds.GradientScaler
     with ds.amp.autocast(jnp.bfloat16):
         assert ds.amp.compute_dtype(jnp.float32) == jnp.bfloat16
+
+
+def test_loss_chunk_must_divide_the_sequence():
+    from dsjax.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"train\.loss_chunk \(48\) must be 0 or divide train\.seq_len \(128\)"):
+        TrainConfig(seq_len=128, loss_chunk=48)
+    assert TrainConfig(seq_len=128, loss_chunk=32).loss_chunk == 32

@@ -105,3 +105,23 @@ def test_preflight_stops_a_run_that_does_not_fit(capsys, tmp_path):
 def test_remat_dtype_is_unchanged():
     fn, params = grad_fn("full", 2)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(fn(params, BATCH)))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_chunked_loss_matches_the_full_loss_and_needs_less_memory(family):
+    cfg = ModelConfig(**{**MODEL.__dict__, "vocab_size": 2048})
+    if family == "gpt2":
+        cfg = ModelConfig(**{**cfg.__dict__, "family": "gpt2", "n_kv_heads": cfg.n_heads, "tie_embeddings": True})
+    graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    batch = jax.random.randint(jax.random.key(1), (8, 129), 0, 2048)
+
+    def value_and_grad(chunk):
+        fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(graphdef, p, b, None, chunk=chunk)))
+        return fn(params, batch), fn.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+
+    (full_loss, full_grads), full_temp = value_and_grad(0)
+    (loss, grads), temp = value_and_grad(16)
+    np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+    assert temp < full_temp

@@ -52,6 +52,10 @@ class Decoder(nnx.Module):
             self.lm_head = make_param(ParamSpec((D, V), ("embed", "vocab")), cfg, rngs.params(), dtype=dtype)
 
     def __call__(self, tokens: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+        return self.project(self.features(tokens, mesh), self.head(), mesh)
+
+    def features(self, tokens: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+        """tokens (B, T) -> final-norm hidden states (B, T, D) in the compute dtype."""
         cfg = self.cfg
         family = FAMILIES[cfg.family]
         dtype = compute_dtype(self.policy.compute)
@@ -73,11 +77,18 @@ class Decoder(nnx.Module):
             return family.block(layer_params, x, positions, cfg, mesh)
 
         x = scan_layers(block, x, self.blocks.arrays(), self.remat_policy, self.remat_every)
-        x = family.final_norm(x, self.final_norm.arrays(), cfg)
-        head = self.embed.get_value() if cfg.tie_embeddings else self.lm_head.get_value()
-        spec = "BTD,VD->BTV" if cfg.tie_embeddings else "BTD,DV->BTV"
+        return family.final_norm(x, self.final_norm.arrays(), cfg)
+
+    def head(self) -> jax.Array:
+        """The LM head matrix: (V, D) when tied to the embedding, else (D, V)."""
+        return self.embed.get_value() if self.cfg.tie_embeddings else self.lm_head.get_value()
+
+    def project(self, x: jax.Array, head: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+        """Hidden states (B, T, D) -> logits (B, T, V) in the output dtype. A pure function of its arguments,
+        so a chunked loss can call it inside scan and checkpoint."""
+        spec = "BTD,VD->BTV" if self.cfg.tie_embeddings else "BTD,DV->BTV"
         # The LM head accumulates in fp32 whatever the compute dtype: logits feed a softmax over V entries.
-        logits = jnp.einsum(spec, x, head.astype(dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum(spec, x, head.astype(x.dtype), preferred_element_type=jnp.float32)
         return constrain(logits.astype(self.policy.output), ("act_batch", "act_seq", "act_vocab"), mesh)
 
 
