@@ -142,19 +142,8 @@ def _count(state: LossScaleState, finite: jax.Array, scale: jax.Array, good: jax
 
 
 @dataclasses.dataclass(frozen=True)
-class NoOpLossScale:
-    """Scale 1; still counts (and so lets the step skip) non-finite steps."""
-
-    def init(self) -> LossScaleState:
-        return _state(1.0)
-
-    def update(self, state: LossScaleState, finite: jax.Array) -> LossScaleState:
-        return _count(state, finite, state.scale, state.good_steps)
-
-
-@dataclasses.dataclass(frozen=True)
 class StaticLossScale:
-    """A fixed scale."""
+    """A fixed scale; non-finite steps are still counted (and so skipped)."""
 
     scale: float = 2.0**15
 
@@ -167,6 +156,13 @@ class StaticLossScale:
 
     def update(self, state: LossScaleState, finite: jax.Array) -> LossScaleState:
         return _count(state, finite, state.scale, state.good_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOpLossScale(StaticLossScale):
+    """No loss scaling: a static scale of 1 (the skipped-step counters still run)."""
+
+    scale: float = dataclasses.field(default=1.0, init=False)
 
 
 @dataclasses.dataclass(frozen=True)

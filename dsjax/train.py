@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 from tqdm.auto import tqdm
 
 from dsjax import data as data_lib
@@ -33,7 +34,7 @@ from dsjax.models.layers import attention_impl
 from dsjax.optim import make_optimizer, schedule
 from dsjax.precision import loss_scale_from_config, parse_policy
 from dsjax.remat import check_platform
-from dsjax.sharding import describe
+from dsjax.sharding import describe, logical_axes, resolve
 from dsjax.state import TrainState, abstract_train_state, create_train_state
 from dsjax.step import batch_sharding, make_eval_step, make_next_token, make_train_step
 
@@ -144,7 +145,8 @@ def _check_sharded(params, mesh, degrees: dict[str, int], config: Config) -> Non
     """Guard rail: with fsdp or tensor degrees > 1, some weight must actually be split."""
     if degrees["fsdp"] * degrees["tensor"] == 1:
         return
-    if all(spec == "P()" for _, shape, spec in describe(params, mesh) if len(shape) >= 2):
+    weights = [v for _, v in nnx.to_flat_state(params) if v.get_value().ndim >= 2]
+    if all(resolve(logical_axes(v), v.get_value().shape, mesh) == PartitionSpec() for v in weights):
         m = config.model
         raise ConfigError(
             f"mesh.fsdp={degrees['fsdp']} x mesh.tensor={degrees['tensor']}, yet no weight can be split: the "

@@ -121,9 +121,11 @@ def attention_impl(setting: str, dtype, head_dim: int, platform: str | None = No
     return setting
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, setting: str = "auto") -> jax.Array:
-    """q (B, T, N, H), k and v (B, T, K, H) with N a multiple of K (grouped-query) -> (B, T, N, H)."""
-    impl = attention_impl(setting, q.dtype, q.shape[-1])
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -> jax.Array:
+    """q (B, T, N, H), k and v (B, T, K, H) with N a multiple of K (grouped-query) -> (B, T, N, H).
+
+    `impl` is 'xla' or 'cudnn', as `attention_impl` resolved it for this call's devices.
+    """
     if impl == "xla" and q.dtype == jnp.float16 and jax.default_backend() == "cpu":
         # XLA's CPU backend has no fp16 x fp16 -> fp32 dot, which the XLA attention path asks for; run it
         # in fp32 there (CPU runs are for correctness, not speed).
