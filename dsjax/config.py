@@ -56,6 +56,9 @@ class ModelConfig:
     norm_eps: float = doc(1e-5, "epsilon of RMSNorm / LayerNorm")
     init_std: float = doc(0.02, "std of the normal init; residual projections get std/sqrt(2L)")
     attention: str = doc("auto", "'auto' (cuDNN fused kernel on GPU where supported, else XLA), 'xla' or 'cudnn'")
+    scan_layers: bool = doc(
+        True, "compile one block and scan it over the layers (fast compile); false unrolls them (XLA sees all)"
+    )
 
     def __post_init__(self):
         _require(self.family in FAMILIES, f"model.family must be one of {FAMILIES}, got {self.family!r}.")

@@ -51,24 +51,28 @@ def check_platform(policy: str, platform: str) -> None:
         )
 
 
-def scan_layers(block: Callable, x: jax.Array, stacked: dict, policy: str = "none", every: int = 1) -> jax.Array:
+def scan_layers(
+    block: Callable, x: jax.Array, stacked: dict, policy: str = "none", every: int = 1, unroll: bool = False
+) -> jax.Array:
     """Apply `block(layer_params, x) -> x` for each layer of `stacked` ({name: (L, ...)}), scanned.
 
     With a policy other than `none`, layers run in groups of `every`, each group under `jax.checkpoint`:
     the backward pass keeps the group's input plus whatever the policy saves and recomputes the rest.
+    `unroll=True` emits every layer into the program instead of a loop over one compiled body: the same
+    arithmetic, a longer compile, and XLA may schedule and fuse across layer boundaries.
     """
 
     def one(x, layer):
         return block(layer, x), None
 
     if policy == "none":
-        return jax.lax.scan(one, x, stacked)[0]
+        return jax.lax.scan(one, x, stacked, unroll=unroll)[0]
     n_layers = next(iter(stacked.values())).shape[0]
     grouped = jax.tree.map(lambda a: a.reshape(n_layers // every, every, *a.shape[1:]), stacked)
 
     def group(x, layers):
-        return jax.lax.scan(one, x, layers)[0]
+        return jax.lax.scan(one, x, layers, unroll=unroll)[0]
 
     # prevent_cse=False: inside scan, XLA cannot merge the recomputation into the forward pass anyway.
     group = jax.checkpoint(group, policy=REMAT_POLICIES[policy], prevent_cse=False)
-    return jax.lax.scan(lambda x, layers: (group(x, layers), None), x, grouped)[0]
+    return jax.lax.scan(lambda x, layers: (group(x, layers), None), x, grouped, unroll=unroll)[0]

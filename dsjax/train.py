@@ -10,11 +10,12 @@ Everything here is an importable function so notebooks and tests drive the same 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -160,6 +161,19 @@ def batch_at(run: Run, samples, index: int) -> jax.Array:
     return data_lib.global_batch(
         samples, index, run.config.train.batch_size, run.batch_sharding, run.config.model.vocab_size
     )
+
+
+def batches(run: Run, samples, start: int, stop: int, depth: int = 2) -> Iterator[jax.Array]:
+    """Global batches start, ..., stop - 1 of `samples`, each handed out with the next `depth` already
+    built and on their way to the devices (transfers are asynchronous), so the device never waits for
+    the host's data between steps."""
+    ahead: collections.deque[jax.Array] = collections.deque()
+    index = start
+    while index < stop or ahead:
+        while index < stop and len(ahead) <= depth:
+            ahead.append(batch_at(run, samples, index))
+            index += 1
+        yield ahead.popleft()
 
 
 def evaluate(run: Run) -> float:

@@ -7,6 +7,7 @@ A family module (llama.py, gpt2.py) supplies `block_params`, `block`, `norm_para
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +77,9 @@ class Decoder(nnx.Module):
         def block(layer_params, x):
             return family.block(layer_params, x, positions, cfg, mesh)
 
-        x = scan_layers(block, x, self.blocks.arrays(), self.remat_policy, self.remat_every)
+        x = scan_layers(
+            block, x, self.blocks.arrays(), self.remat_policy, self.remat_every, unroll=not cfg.scan_layers
+        )
         return family.final_norm(x, self.final_norm.arrays(), cfg)
 
     def head(self) -> jax.Array:
@@ -87,9 +90,34 @@ class Decoder(nnx.Module):
         """Hidden states (B, T, D) -> logits (B, T, V) in the output dtype. A pure function of its arguments,
         so a chunked loss can call it inside scan and checkpoint."""
         spec = "BTD,VD->BTV" if self.cfg.tie_embeddings else "BTD,DV->BTV"
-        # The LM head accumulates in fp32 whatever the compute dtype: logits feed a softmax over V entries.
-        logits = jnp.einsum(spec, x, head.astype(x.dtype), preferred_element_type=jnp.float32)
-        return constrain(logits.astype(self.policy.output), ("act_batch", "act_seq", "act_vocab"), mesh)
+        logits = head_matmul(x, head.astype(x.dtype), spec, jnp.dtype(self.policy.output))
+        return constrain(logits, ("act_batch", "act_seq", "act_vocab"), mesh)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def head_matmul(x: jax.Array, w: jax.Array, spec: str, out_dtype: jnp.dtype) -> jax.Array:
+    """The LM head: einsum(spec, x, w) accumulated in fp32 and returned in `out_dtype`, whose backward pass
+    runs in the compute dtype (x's).
+
+    The forward keeps fp32 logits (they feed a softmax over V entries). Differentiating that fp32 einsum
+    directly would hand its fp32 cotangent to the two backward matmuls, which then run as fp32 (TF32)
+    GEMMs, the most expensive kernels of a bf16 step (experiments/RESULTS.md). Here the cotangent is cast
+    to the compute dtype first, as for every other matmul of the model; the GEMMs still accumulate in fp32.
+    """
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _head_matmul_fwd(x, w, spec, out_dtype):
+    return head_matmul(x, w, spec, out_dtype), (x, w)
+
+
+def _head_matmul_bwd(spec, out_dtype, residuals, g):
+    x, w = residuals
+    _, vjp = jax.vjp(lambda x, w: jnp.einsum(spec, x, w), x, w)
+    return vjp(g.astype(x.dtype))
+
+
+head_matmul.defvjp(_head_matmul_fwd, _head_matmul_bwd)
 
 
 def param_counts(state: nnx.State, cfg: ModelConfig) -> tuple[int, int]:

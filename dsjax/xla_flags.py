@@ -1,0 +1,58 @@
+"""The XLA flags dsjax sets by default, per jaxlib version.
+
+XLA aborts the whole process on a flag it does not know ("Unknown flag in XLA_FLAGS"), and flags come and
+go between jaxlib releases, so the set is an allow-list keyed by jaxlib's major.minor version: a version
+with no entry gets no flags (and a note in the log). Each entry's flags are parsed by the installed jaxlib
+in tests/test_xla_flags.py, and each flag is kept only with a measured gain recorded in
+experiments/RESULTS.md.
+
+`apply()` must run before JAX initialises its backends (XLA reads XLA_FLAGS once, then); `python -m
+dsjax.train` and the benchmarks call it first thing. Flags the user already set in XLA_FLAGS win.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import jaxlib
+
+# jaxlib major.minor -> {flag: value}. GPU flags are parsed (and ignored) by the CPU backend too.
+FLAGS: dict[str, dict[str, str]] = {
+    "0.10": {},
+    "0.11": {},
+}
+
+
+def version_key(version: str = jaxlib.__version__) -> str:
+    major, minor = version.split(".")[:2]
+    return f"{major}.{minor}"
+
+
+def recommended(version: str = jaxlib.__version__) -> dict[str, str] | None:
+    """dsjax's flags for this jaxlib version; None when the version has no validated entry."""
+    return FLAGS.get(version_key(version))
+
+
+def merge(existing: str, flags: dict[str, str]) -> str:
+    """`existing` XLA_FLAGS plus those of `flags` it does not name already (the user's settings win)."""
+    named = set(re.findall(r"--([A-Za-z0-9_]+)", existing))
+    extra = [f"--{name}={value}" for name, value in flags.items() if name not in named]
+    return " ".join([existing.strip(), *extra]).strip()
+
+
+def apply(environ: os._Environ | dict | None = None) -> str:
+    """Add dsjax's flags for the installed jaxlib to XLA_FLAGS; returns a one-line account for the log."""
+    environ = os.environ if environ is None else environ
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        return "XLA flags: JAX's backends are already initialised, so dsjax's flags were not applied."
+    flags = recommended()
+    if flags is None:
+        return (
+            f"XLA flags: none set by dsjax (jaxlib {jaxlib.__version__} has no validated entry in "
+            "dsjax.xla_flags.FLAGS)."
+        )
+    environ["XLA_FLAGS"] = merge(environ.get("XLA_FLAGS", ""), flags)
+    return f"XLA flags: {environ['XLA_FLAGS'] or '(none)'}"
