@@ -20,10 +20,22 @@ from jax import checkpoint_policies as cp
 
 ATTENTION_NAMES = ("query_proj", "key_proj", "value_proj", "context", "out_proj")
 
+# The primitive whose outputs are the fused (cuDNN) attention's output and softmax statistics, the
+# residuals of its backward kernel.
+FUSED_ATTENTION_FWD = "dot_product_attention_fwd_wrapper"
+
+
+def _dots_and_fused_attention(prim, *avals, **params) -> bool:
+    return prim.name == FUSED_ATTENTION_FWD or cp.dots_with_no_batch_dims_saveable(prim, *avals, **params)
+
+
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,  # no rematerialisation
     "full": cp.nothing_saveable,  # keep only each group's input
     "dots": cp.dots_with_no_batch_dims_saveable,  # keep weight matmul outputs, recompute attention/elementwise
+    # dots, plus the fused attention kernel's output and softmax statistics, so the backward pass does not
+    # run the attention forward again; the same as dots where attention is not the fused kernel (CPU, XLA)
+    "dots_attention": _dots_and_fused_attention,
     "qkv_out": cp.save_only_these_names("query_proj", "key_proj", "value_proj", "out_proj"),
     # everything but the F-wide MLP intermediates, the largest activations of a block
     "minimal": cp.save_only_these_names(*ATTENTION_NAMES, "mlpwo"),

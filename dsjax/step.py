@@ -31,21 +31,26 @@ def next_token_loss(logits: jax.Array, batch: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch[:, 1:]).mean()
 
 
-def chunked_next_token_loss(model, batch: jax.Array, mesh, chunk: int) -> jax.Array:
-    """`next_token_loss` without ever holding the whole (B, T, V) logits: the LM head and the cross-entropy
-    run over `chunk` positions at a time, and the backward pass recomputes each chunk's logits instead of
-    storing them. For large vocabularies the fp32 logits are the largest activation of the step."""
+def lm_loss(model, batch: jax.Array, mesh, chunk: int = 0) -> jax.Array:
+    """Mean next-token cross-entropy of `model` on `batch` (B, T+1), through the model's fused LM head +
+    loss (`Decoder.token_losses`); equal to `next_token_loss` of its logits.
+
+    With 0 < chunk < T the head and the loss run over `chunk` positions at a time and the backward pass
+    recomputes each chunk's logits instead of storing them, so the whole (B, T, V) logits never exist: for
+    large vocabularies they are the largest activation of the step.
+    """
     x, labels = model.features(batch[:, :-1], mesh), batch[:, 1:]  # (B, T, D), (B, T)
+    head = model.head()
     B, T, D = x.shape
+    if not 0 < chunk < T:
+        return model.token_losses(x, head, labels, mesh).mean()
     n = T // chunk
     xs = x.reshape(B, n, chunk, D).swapaxes(0, 1)  # (n, B, c, D)
     ys = labels.reshape(B, n, chunk).swapaxes(0, 1)  # (n, B, c)
-    head = model.head()
 
     @jax.checkpoint
     def one(total, xy):
-        logits = model.project(xy[0], head, mesh).astype(jnp.float32)  # (B, c, V)
-        return total + optax.softmax_cross_entropy_with_integer_labels(logits, xy[1]).sum(), None
+        return total + model.token_losses(xy[0], head, xy[1], mesh).sum(), None
 
     total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), (xs, ys))
     return total / (B * T)
@@ -56,14 +61,13 @@ def loss_fn(
 ) -> jax.Array:
     """The training loss; the model computes in its precision policy's dtype.
 
-    Without `objective`: next-token cross-entropy, in chunks of `chunk` positions when 0 < chunk < T.
-    With one: objective(logits, batch) over the full logits (custom losses, tests).
+    Without `objective`: next-token cross-entropy (`lm_loss`), in chunks of `chunk` positions when
+    0 < chunk < T. With one: objective(logits, batch) over the full logits (custom losses, tests).
     """
     model = nnx.merge(graphdef, params)
-    T = batch.shape[1] - 1
-    if objective is None and 0 < chunk < T:
-        return chunked_next_token_loss(model, batch, mesh, chunk)
-    return (objective or next_token_loss)(model(batch[:, :-1], mesh), batch)
+    if objective is None:
+        return lm_loss(model, batch, mesh, chunk)
+    return objective(model(batch[:, :-1], mesh), batch)
 
 
 def make_train_step(

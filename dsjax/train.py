@@ -46,6 +46,10 @@ USAGE = (
 )
 
 
+# Steps dispatched ahead of the one whose metrics the training loop reads (accelerators).
+METRICS_LAG = 4
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (too many non-finite steps in a row); the message names the steps."""
 
@@ -231,9 +235,11 @@ def fit(
 ) -> list[dict]:
     """Train `run.state` for train.steps; returns the logged records (also appended to out/metrics.jsonl).
 
-    `compiled` is the step `prepare` returned (prepared here when not given). Metrics are read one step
-    late (after the next step is dispatched), so the host never waits on the step it just launched, and
-    at most two steps are in flight.
+    `compiled` is the step `prepare` returned (prepared here when not given). Batches come from `batches`
+    (built and transferred ahead of the step that uses them), and each step's metrics are read only once
+    `METRICS_LAG` later steps have been dispatched, so the device always has queued work and the host
+    never waits on a step it just launched (one step on CPU, where many un-synced multi-device steps can
+    trip an all-reduce rendezvous timeout; BENCHMARKS.md).
     """
     t = run.config.train
     sink = MetricsLog(out / "metrics.jsonl") if out is not None else None
@@ -248,7 +254,9 @@ def fit(
     step0 = int(jax.device_get(run.state.step))
     record({"step": step0, "eval_loss": evaluate(run)})
     bar = tqdm(total=t.steps, initial=step0, disable=not progress, unit="step", dynamic_ncols=True)
-    window_start, window_steps, pending = time.perf_counter(), 0, None
+    window_start, window_steps = time.perf_counter(), 0
+    pending: collections.deque = collections.deque()
+    lag = 1 if run.mesh.devices.flat[0].platform == "cpu" else METRICS_LAG
 
     max_skips = run.config.precision.max_consecutive_skips
 
@@ -286,19 +294,20 @@ def fit(
         window_start, window_steps = time.perf_counter(), 0
 
     try:
-        for step in range(step0, t.steps):
-            run.state, metrics = compiled(run.state, batch_at(run, run.train_samples, step))
-            if pending is not None:
-                report(*pending)
-            pending = (step, metrics)
+        feed = batches(run, run.train_samples, step0, t.steps)
+        for step, batch in zip(range(step0, t.steps), feed):
+            run.state, metrics = compiled(run.state, batch)
+            pending.append((step, metrics))
+            while len(pending) > lag:
+                report(*pending.popleft())
             bar.update(1)
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 != t.steps:
-                report(*pending)
-                pending = None
+                while pending:
+                    report(*pending.popleft())
                 record({"step": step + 1, "eval_loss": evaluate(run)})
                 window_start, window_steps = time.perf_counter(), 0
-        if pending is not None:
-            report(*pending)
+        while pending:
+            report(*pending.popleft())
         record({"step": t.steps, "eval_loss": evaluate(run)})
     finally:
         bar.close()

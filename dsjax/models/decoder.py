@@ -18,7 +18,7 @@ from dsjax.models import gpt2, llama
 from dsjax.models.layers import Group, ParamSpec, attention_impl, make_param
 from dsjax.precision import POLICIES, Policy, compute_dtype
 from dsjax.remat import scan_layers
-from dsjax.sharding import constrain
+from dsjax.sharding import constrain, named
 
 FAMILIES = {"llama": llama, "gpt2": gpt2}
 
@@ -86,11 +86,24 @@ class Decoder(nnx.Module):
         """The LM head matrix: (V, D) when tied to the embedding, else (D, V)."""
         return self.embed.get_value() if self.cfg.tie_embeddings else self.lm_head.get_value()
 
+    def head_spec(self) -> str:
+        return "BTD,VD->BTV" if self.cfg.tie_embeddings else "BTD,DV->BTV"
+
+    def token_losses(
+        self, x: jax.Array, head: jax.Array, labels: jax.Array, mesh: jax.sharding.Mesh | None = None
+    ) -> jax.Array:
+        """Next-token cross-entropy (nats, fp32) at every position: hidden states x (B, T, D), labels (B, T)
+        -> (B, T). Equal to the softmax cross-entropy of `project`'s logits, computed by `head_cross_entropy`
+        (one fused LM head + loss with a hand-written backward pass)."""
+        logits_shape = (*x.shape[:2], self.cfg.vocab_size)
+        sharding = None if mesh is None else named(("act_batch", "act_seq", "act_vocab"), logits_shape, mesh)
+        out = jnp.dtype(self.policy.output)
+        return head_cross_entropy(x, head.astype(x.dtype), labels, self.head_spec(), out, sharding)
+
     def project(self, x: jax.Array, head: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
         """Hidden states (B, T, D) -> logits (B, T, V) in the output dtype. A pure function of its arguments,
         so a chunked loss can call it inside scan and checkpoint."""
-        spec = "BTD,VD->BTV" if self.cfg.tie_embeddings else "BTD,DV->BTV"
-        logits = head_matmul(x, head.astype(x.dtype), spec, jnp.dtype(self.policy.output))
+        logits = head_matmul(x, head.astype(x.dtype), self.head_spec(), jnp.dtype(self.policy.output))
         return constrain(logits, ("act_batch", "act_seq", "act_vocab"), mesh)
 
 
@@ -118,6 +131,51 @@ def _head_matmul_bwd(spec, out_dtype, residuals, g):
 
 
 head_matmul.defvjp(_head_matmul_fwd, _head_matmul_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def head_cross_entropy(
+    x: jax.Array, w: jax.Array, labels: jax.Array, spec: str, out_dtype: jnp.dtype, sharding=None
+) -> jax.Array:
+    """Per-position softmax cross-entropy (B, T) of the logits head_matmul(x, w, spec, out_dtype) against
+    integer `labels` (B, T), in fp32.
+
+    The forward pass keeps the logits (B, T, V) for the backward pass and reads them twice (max, then the
+    sum of exponentials). The backward pass writes the logits' gradient, softmax - onehot, straight in the
+    compute dtype in one elementwise pass, and feeds it to two compute-dtype GEMMs. Differentiating the
+    composition automatically materialises the fp32 gradient and then converts it in a separate pass, which
+    costs one more write and read of the largest tensor of the step (experiments/RESULTS.md).
+    `sharding` (of the logits), when given, pins their layout (vocab-parallel under tensor parallelism).
+    """
+    return _head_cross_entropy_fwd(x, w, labels, spec, out_dtype, sharding)[0]
+
+
+def _logits(x, w, spec, out_dtype, sharding):
+    logits = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+    return logits if sharding is None else jax.lax.with_sharding_constraint(logits, sharding)
+
+
+def _head_cross_entropy_fwd(x, w, labels, spec, out_dtype, sharding):
+    logits = _logits(x, w, spec, out_dtype, sharding)
+    wide = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(wide, axis=-1)  # (B, T)
+    picked = jnp.take_along_axis(wide, labels[..., None], axis=-1)[..., 0]
+    return lse - picked, (x, w, labels, logits, lse)
+
+
+def _head_cross_entropy_bwd(spec, out_dtype, sharding, residuals, g):
+    x, w, labels, logits, lse = residuals
+    vocab = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
+    probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+    dlogits = ((probs - (vocab == labels[..., None])) * g[..., None]).astype(x.dtype)
+    if sharding is not None:
+        dlogits = jax.lax.with_sharding_constraint(dlogits, sharding)
+    _, vjp = jax.vjp(lambda x, w: jnp.einsum(spec, x, w), x, w)
+    dx, dw = vjp(dlogits)
+    return dx, dw, None
+
+
+head_cross_entropy.defvjp(_head_cross_entropy_fwd, _head_cross_entropy_bwd)
 
 
 def param_counts(state: nnx.State, cfg: ModelConfig) -> tuple[int, int]:
