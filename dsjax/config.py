@@ -225,7 +225,9 @@ class PrecisionConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RematConfig:
-    policy: str = doc("none", "activation rematerialisation: none, full, dots, dots_attention, qkv_out, minimal, offload")
+    policy: str = doc(
+        "none", "activation rematerialisation: none, full, dots, dots_attention, qkv_out, minimal, offload"
+    )
     every: int = doc(1, "checkpoint every N layers (recompute N layers from one saved input); divides n_layers")
 
     def __post_init__(self):

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec
 from tqdm.auto import tqdm
 
 from dsjax import data as data_lib
-from dsjax import memory
+from dsjax import memory, xla_flags
 from dsjax.config import Config, ConfigError, apply_overrides, help_text, preset, split_known
 from dsjax.mesh import check_config, make_mesh, simulate_cpu_devices
 from dsjax.metrics import MetricsLog, flops_per_token, peak_flops
@@ -167,6 +167,10 @@ def batch_at(run: Run, samples, index: int) -> jax.Array:
     )
 
 
+def _platform(run: Run) -> str:
+    return run.mesh.devices.flat[0].platform
+
+
 def batches(run: Run, samples, start: int, stop: int, depth: int = 2) -> Iterator[jax.Array]:
     """Global batches start, ..., stop - 1 of `samples`, each handed out with the next `depth` already
     built and on their way to the devices (transfers are asynchronous), so the device never waits for
@@ -256,7 +260,7 @@ def fit(
     bar = tqdm(total=t.steps, initial=step0, disable=not progress, unit="step", dynamic_ncols=True)
     window_start, window_steps = time.perf_counter(), 0
     pending: collections.deque = collections.deque()
-    lag = 1 if run.mesh.devices.flat[0].platform == "cpu" else METRICS_LAG
+    lag = 1 if _platform(run) == "cpu" else METRICS_LAG
 
     max_skips = run.config.precision.max_consecutive_skips
 
@@ -295,7 +299,7 @@ def fit(
 
     try:
         feed = batches(run, run.train_samples, step0, t.steps)
-        for step, batch in zip(range(step0, t.steps), feed):
+        for step, batch in zip(range(step0, t.steps), feed, strict=True):
             run.state, metrics = compiled(run.state, batch)
             pending.append((step, metrics))
             while len(pending) > lag:
@@ -408,6 +412,7 @@ def _main(argv: Sequence[str]) -> int:
             f"Config fields (defaults of --preset={options['preset']}):\n" + help_text(config)
         )
         return 0
+    print(xla_flags.apply())  # before anything initialises JAX's backends
     if options["cpu_devices"] is not None:
         simulate_cpu_devices(options["cpu_devices"])
     if options["dry_run"]:

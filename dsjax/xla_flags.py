@@ -18,6 +18,14 @@ import re
 import jaxlib
 
 # jaxlib major.minor -> {flag: value}. GPU flags are parsed (and ignored) by the CPU backend too.
+#
+# Measured and not adopted (experiments/RESULTS.md, 2026-11-28, jaxlib 0.11.2 on H100/H200):
+#   --xla_gpu_enable_triton_gemm=false             gpt2-124m 2% and llama-1b 8% slower (one H100)
+#   --xla_gpu_enable_latency_hiding_scheduler=true llama-1b FSDP on 4 and 2 GPUs within 0.2% (already on)
+# Parsed by jaxlib 0.11.2 but not measured: the pipelined all-gather / reduce-scatter / all-reduce switches,
+# the collective combine thresholds, while-loop double buffering, the highest-priority async stream and
+# command buffers. Removed by 0.11 (an abort if set): xla_gpu_graph_level, xla_gpu_enable_async_all_gather.
+# An empty entry is a validated "no flags": dsjax's defaults there are XLA's own.
 FLAGS: dict[str, dict[str, str]] = {
     "0.10": {},
     "0.11": {},

@@ -39,7 +39,7 @@ def category(name: str) -> str:
 def find_trace(root: Path) -> Path:
     traces = sorted(root.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
     if not traces:
-        sys.exit(f"no perfetto_trace.json.gz under {root}; trace with jax.profiler.trace(dir, create_perfetto_trace=True)")
+        sys.exit(f"no perfetto_trace.json.gz under {root}; trace with create_perfetto_trace=True")
     return traces[-1]
 
 

@@ -77,9 +77,7 @@ class Decoder(nnx.Module):
         def block(layer_params, x):
             return family.block(layer_params, x, positions, cfg, mesh)
 
-        x = scan_layers(
-            block, x, self.blocks.arrays(), self.remat_policy, self.remat_every, unroll=not cfg.scan_layers
-        )
+        x = scan_layers(block, x, self.blocks.arrays(), self.remat_policy, self.remat_every, unroll=not cfg.scan_layers)
         return family.final_norm(x, self.final_norm.arrays(), cfg)
 
     def head(self) -> jax.Array:
@@ -155,10 +153,27 @@ def _logits(x, w, spec, out_dtype, sharding):
     return logits if sharding is None else jax.lax.with_sharding_constraint(logits, sharding)
 
 
+def logsumexp(x: jax.Array) -> jax.Array:
+    """log(sum(exp(x))) over the last axis, in one pass over x: a running (max, sum of exp(x - max)) pair,
+    rescaled whenever the max grows (the online softmax). `jax.nn.logsumexp` reads x twice, first for
+    the max, then for the sum; over the (B, T, V) logits each pass is a full read of the step's largest
+    tensor. Agrees with it to fp32 rounding (the rescaling adds a few ulps)."""
+
+    def combine(a, b):
+        (m1, s1), (m2, s2) = a, b
+        m = jnp.maximum(m1, m2)
+        # where(): never exp(-inf - -inf) = nan for the (-inf, 0) identity
+        return m, jnp.where(m1 == m, s1, s1 * jnp.exp(m1 - m)) + jnp.where(m2 == m, s2, s2 * jnp.exp(m2 - m))
+
+    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(0, x.dtype))
+    m, s = jax.lax.reduce((x, jnp.ones_like(x)), init, combine, (x.ndim - 1,))
+    return m + jnp.log(s)
+
+
 def _head_cross_entropy_fwd(x, w, labels, spec, out_dtype, sharding):
     logits = _logits(x, w, spec, out_dtype, sharding)
     wide = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(wide, axis=-1)  # (B, T)
+    lse = logsumexp(wide)  # (B, T)
     picked = jnp.take_along_axis(wide, labels[..., None], axis=-1)[..., 0]
     return lse - picked, (x, w, labels, logits, lse)
 
