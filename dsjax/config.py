@@ -240,6 +240,24 @@ class RematConfig:
         _require(self.every >= 1, f"remat.every must be >= 1, got {self.every}.")
 
 
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    dir: str = doc("", "checkpoint directory (default <out>/checkpoints)")
+    every: int = doc(500, "save every N steps (0: only at the end and on preemption)")
+    every_minutes: float = doc(0.0, "also save when this many minutes passed since the last save (0: off)")
+    keep: int = doc(3, "finalized checkpoints kept (older ones are deleted)")
+    async_save: bool = doc(True, "write in the background; training waits only for the copy off the devices")
+    restore: str = doc("auto", "'auto' (latest good checkpoint in dir, if any), 'none', a step number or a path")
+    fallback: bool = doc(True, "if the chosen checkpoint is corrupt, warn and use the previous good one")
+    enabled: bool = doc(True, "save and restore checkpoints at all (needs a run directory)")
+
+    def __post_init__(self):
+        _require(self.every >= 0, f"checkpoint.every must be >= 0 steps, got {self.every}.")
+        _require(self.every_minutes >= 0, f"checkpoint.every_minutes must be >= 0 minutes, got {self.every_minutes}.")
+        _require(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}.")
+        _require(bool(self.restore), "checkpoint.restore must be 'auto', 'none', a step number or a path; got ''.")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "mesh": MeshConfig,
@@ -247,6 +265,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "precision": PrecisionConfig,
     "remat": RematConfig,
+    "checkpoint": CheckpointConfig,
 }
 
 
@@ -258,6 +277,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     remat: RematConfig = field(default_factory=RematConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
         _require(

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 from tqdm.auto import tqdm
 
+from dsjax import checkpoint as ckpt
 from dsjax import data as data_lib
 from dsjax import memory, xla_flags
 from dsjax.config import Config, ConfigError, apply_overrides, help_text, preset, split_known
@@ -54,6 +55,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (too many non-finite steps in a row); the message names the steps."""
 
 
+class Preempted(RuntimeError):
+    """SIGTERM or SIGINT stopped training after a checkpoint was saved; the message names it."""
+
+
 @dataclasses.dataclass
 class Run:
     """Everything one training run needs, built by `build`."""
@@ -74,6 +79,7 @@ class Run:
     n_matmul_params: int
     flops_per_token: tuple[float, float]  # (PaLM, causal)
     peak_flops: float | None  # dense peak of all the run's devices together, for the compute dtype
+    batch_offset: int = 0  # step s trains on global batch s + batch_offset (non-zero after a batch-size change)
 
     @property
     def tokens_per_step(self) -> int:
@@ -235,7 +241,13 @@ def prepare(run: Run, log: Callable[[str], None] = print):
 
 
 def fit(
-    run: Run, out: Path | None = None, progress: bool = True, log: Callable[[str], None] = print, compiled=None
+    run: Run,
+    out: Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    compiled=None,
+    checkpointer: ckpt.Checkpointer | None = None,
+    preemption: ckpt.Preemption | None = None,
 ) -> list[dict]:
     """Train `run.state` for train.steps; returns the logged records (also appended to out/metrics.jsonl).
 
@@ -244,6 +256,9 @@ def fit(
     `METRICS_LAG` later steps have been dispatched, so the device always has queued work and the host
     never waits on a step it just launched (one step on CPU, where many un-synced multi-device steps can
     trip an all-reduce rendezvous timeout; BENCHMARKS.md).
+
+    With a `checkpointer`, the state is saved on its schedule and after the last step; with a
+    `preemption` whose signal arrived, it is saved at the next step boundary and Preempted is raised.
     """
     t = run.config.train
     sink = MetricsLog(out / "metrics.jsonl") if out is not None else None
@@ -298,13 +313,24 @@ def fit(
         window_start, window_steps = time.perf_counter(), 0
 
     try:
-        feed = batches(run, run.train_samples, step0, t.steps)
+        offset = run.batch_offset
+        feed = batches(run, run.train_samples, step0 + offset, t.steps + offset)
         for step, batch in zip(range(step0, t.steps), feed, strict=True):
             run.state, metrics = compiled(run.state, batch)
             pending.append((step, metrics))
             while len(pending) > lag:
                 report(*pending.popleft())
             bar.update(1)
+            if preemption is not None and preemption.agreed():
+                while pending:
+                    report(*pending.popleft())
+                saved = checkpointer is not None and checkpointer.save(run.state, checkpoint_meta(run))
+                if checkpointer is not None:
+                    checkpointer.wait()
+                where = f"checkpoint {checkpointer.dir / str(step + 1)}" if saved else "no checkpoint (none configured)"
+                raise Preempted(f"{preemption.requested} received: stopped after step {step + 1}, saved {where}.")
+            if checkpointer is not None and checkpointer.due(step + 1) and step + 1 != t.steps:
+                checkpointer.save(run.state, checkpoint_meta(run))
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 != t.steps:
                 while pending:
                     report(*pending.popleft())
@@ -312,6 +338,9 @@ def fit(
                 window_start, window_steps = time.perf_counter(), 0
         while pending:
             report(*pending.popleft())
+        if checkpointer is not None:
+            checkpointer.save(run.state, checkpoint_meta(run))
+            checkpointer.wait()
         record({"step": t.steps, "eval_loss": evaluate(run)})
     finally:
         bar.close()
@@ -322,6 +351,43 @@ def fit(
         f"at step {t.steps} (nats/token)"
     )
     return history
+
+
+def checkpoint_meta(run: Run) -> dict:
+    """What a checkpoint records beside the arrays: the data position (global samples consumed, so a run
+    with another global batch can continue without repeating or skipping a sample), the mesh and the config."""
+    step = int(jax.device_get(run.state.step))
+    return {
+        "step": step,
+        "samples": (step + run.batch_offset) * run.config.train.batch_size,
+        "batch_size": run.config.train.batch_size,
+        "mesh": run.degrees,
+        "devices": int(run.mesh.devices.size),
+        "config": run.config.to_dict(),
+    }
+
+
+def restore(run: Run, checkpointer: ckpt.Checkpointer, log: Callable[[str], None] = print) -> ckpt.Restored | None:
+    """Replace run.state by the checkpoint that checkpoint.restore names (laid out for this run's mesh) and
+    set the data position; None, leaving the run as built, when there is nothing to restore."""
+    restored = checkpointer.restore(run.state)
+    if restored is None:
+        return None
+    step, samples = int(jax.device_get(restored.state.step)), restored.meta["samples"]
+    batch = run.config.train.batch_size
+    if samples % batch:
+        raise ConfigError(
+            f"checkpoint {restored.path} was taken after {samples} samples (step {step}, global batch "
+            f"{restored.meta['batch_size']}); train.batch_size={batch} does not divide that, so training "
+            "could not continue without repeating or skipping samples. Use a global batch that divides "
+            f"{samples}, e.g. {restored.meta['batch_size']}."
+        )
+    run.state, run.batch_offset = restored.state, samples // batch - step
+    log(
+        f"restored {restored.path} (step {step}, {samples} samples, saved on mesh {restored.meta['mesh']} over "
+        f"{restored.meta['devices']} device(s))"
+    )
+    return restored
 
 
 def sample(run: Run, prompt: str, n_tokens: int, temperature: float = 0.8, seed: int = 0) -> str | None:
@@ -345,22 +411,44 @@ def sample(run: Run, prompt: str, n_tokens: int, temperature: float = 0.8, seed:
 def train(
     config: Config, out: str | Path | None = None, progress: bool = True, log: Callable[[str], None] = print
 ) -> tuple[Run, list[dict]]:
-    """Build and train a run; writes config.json and metrics.jsonl to `out` when given.
+    """Build and train a run; writes config.json, metrics.jsonl and checkpoints to `out` when given.
 
-    The run directory is checked first but created only once the step has compiled and passed the
-    memory preflight, so a run rejected before training leaves nothing behind.
+    A run directory that already holds a dsjax run is resumed from its latest good checkpoint
+    (checkpoint.restore='auto'); otherwise it must be new or empty. The directory is created only once
+    the step has compiled and passed the memory preflight, so a run rejected before training leaves
+    nothing behind. SIGTERM / SIGINT save a checkpoint at the next step boundary and raise Preempted.
     """
-    out_dir = _check_out(out) if out is not None else None
+    c = config.checkpoint
+    out_dir = _check_out(out, resumable=c.enabled and c.restore != "none") if out is not None else None
     run = build(config)
     log(f"data: {run.corpus.description if run.corpus else 'synthetic tokens'}")
+    directory = None
+    if c.enabled and (c.dir or out_dir is not None):
+        directory = Path(c.dir) if c.dir else out_dir / "checkpoints"
+    checkpointer, restored = None, None
+    if directory is not None and (directory.exists() or c.restore not in ("auto", "none")):
+        checkpointer = ckpt.Checkpointer(directory, c, log)
+        restored = restore(run, checkpointer, log)
     compiled = prepare(run, log)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(config.to_json() + "\n")
-    return run, fit(run, out_dir, progress, log, compiled)
+        if restored is not None:
+            sink = MetricsLog(out_dir / "metrics.jsonl")
+            sink.write({"step": int(jax.device_get(run.state.step)), "restored_from": str(restored.path)})
+            sink.close()
+    if directory is not None and checkpointer is None:
+        checkpointer = ckpt.Checkpointer(directory, c, log)
+    try:
+        with ckpt.Preemption() as preemption:
+            history = fit(run, out_dir, progress, log, compiled, checkpointer, preemption)
+    finally:
+        if checkpointer is not None:
+            checkpointer.manager.close()
+    return run, history
 
 
-def _check_out(out: str | Path) -> Path:
+def _check_out(out: str | Path, resumable: bool = False) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out={str(out)!r} is a file; the run directory must be a directory.")
@@ -369,9 +457,16 @@ def _check_out(out: str | Path) -> Path:
         what = "is not a directory" if not ancestor.is_dir() else "is not writable"
         raise ConfigError(f"--out={str(out)!r} cannot be created: {ancestor} {what}.")
     if path.is_dir() and any(path.iterdir()):
+        if resumable and (path / "config.json").is_file():
+            return path  # an earlier run of dsjax: resume it
         raise ConfigError(
-            f"--out={str(out)!r} already holds files; dsjax will not mix two runs in one directory. "
-            "Choose a new --out (or remove the old run)."
+            f"--out={str(out)!r} already holds files"
+            + (
+                " that are not a dsjax run"
+                if resumable
+                else " and --checkpoint.restore=none (or checkpoint.enabled=false) forbids resuming it"
+            )
+            + "; dsjax will not mix two runs in one directory. Choose a new --out (or remove the old run)."
         )
     return path
 
@@ -412,7 +507,9 @@ def _main(argv: Sequence[str]) -> int:
             f"Config fields (defaults of --preset={options['preset']}):\n" + help_text(config)
         )
         return 0
-    print(xla_flags.apply())  # before anything initialises JAX's backends
+    message = xla_flags.apply()  # before anything initialises JAX's backends
+    if message:
+        print(message)
     if options["cpu_devices"] is not None:
         simulate_cpu_devices(options["cpu_devices"])
     if options["dry_run"]:
@@ -444,7 +541,8 @@ def _main(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: exit 0 on success, 2 on a bad config or flag, 1 if training had to stop."""
+    """CLI entry point: exit 0 on success, 2 on a bad config or flag, 1 if training or a checkpoint save
+    failed, 75 (checkpoint.PREEMPTED_EXIT_CODE) after a SIGTERM / SIGINT and its checkpoint."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _main(argv)
@@ -454,6 +552,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingError as err:
         print(f"dsjax: training stopped: {err}", file=sys.stderr)
         return 1
+    except ckpt.CheckpointError as err:
+        print(f"dsjax: checkpoint error: {err}", file=sys.stderr)
+        return 1
+    except Preempted as err:
+        print(f"dsjax: preempted: {err} Run the same command again to resume.", file=sys.stderr)
+        return ckpt.PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         print("dsjax: interrupted", file=sys.stderr)
         return 130

@@ -50,17 +50,20 @@ def merge(existing: str, flags: dict[str, str]) -> str:
 
 
 def apply(environ: os._Environ | dict | None = None) -> str:
-    """Add dsjax's flags for the installed jaxlib to XLA_FLAGS; returns a one-line account for the log."""
+    """Add dsjax's flags for the installed jaxlib to XLA_FLAGS. Returns a one-line account for the log, or
+    "" when there is nothing to say (the installed jaxlib's entry is empty)."""
     environ = os.environ if environ is None else environ
     from jax._src import xla_bridge
 
-    if xla_bridge.backends_are_initialized():
-        return "XLA flags: JAX's backends are already initialised, so dsjax's flags were not applied."
     flags = recommended()
     if flags is None:
         return (
             f"XLA flags: none set by dsjax (jaxlib {jaxlib.__version__} has no validated entry in "
             "dsjax.xla_flags.FLAGS)."
         )
+    if not flags:
+        return ""
+    if xla_bridge.backends_are_initialized():
+        return "XLA flags: JAX's backends are already initialised, so dsjax's flags were not applied."
     environ["XLA_FLAGS"] = merge(environ.get("XLA_FLAGS", ""), flags)
-    return f"XLA flags: {environ['XLA_FLAGS'] or '(none)'}"
+    return f"XLA flags: {environ['XLA_FLAGS']}"

@@ -49,10 +49,11 @@ def test_merge_keeps_the_users_settings():
     assert xla_flags.merge("", {}) == ""
 
 
-def test_apply_after_backend_initialisation_changes_nothing():
+def test_apply_after_backend_initialisation_changes_nothing(monkeypatch):
     import jax
 
     jax.devices()  # backends are up in this process
+    monkeypatch.setattr(xla_flags, "FLAGS", {xla_flags.version_key(): {"xla_test_flag": "7"}})
     environ = {"XLA_FLAGS": "--xla_x=1"}
     message = xla_flags.apply(environ)
     assert environ == {"XLA_FLAGS": "--xla_x=1"}
@@ -69,6 +70,13 @@ def test_apply_before_initialisation_sets_the_entry(monkeypatch, known):
     message = xla_flags.apply(environ)
     if known:
         assert environ["XLA_FLAGS"] == "--xla_user=1 --xla_test_flag=7"
+        assert message == "XLA flags: --xla_user=1 --xla_test_flag=7"
     else:
         assert environ["XLA_FLAGS"] == "--xla_user=1"
         assert "no validated entry" in message
+
+
+def test_an_empty_entry_sets_nothing_and_says_nothing(monkeypatch):
+    monkeypatch.setattr(xla_flags, "FLAGS", {xla_flags.version_key(): {}})
+    environ = {}
+    assert xla_flags.apply(environ) == "" and environ == {}

@@ -1,0 +1,367 @@
+"""Checkpoints: Orbax saves of the whole train state plus the data position, verified by a manifest of
+file hashes, restored onto any mesh. The only module of dsjax that imports Orbax.
+
+A checkpoint is a directory `<checkpoint.dir>/<step>` with two Orbax items: `state` (every array of the
+TrainState: parameters, optimizer state, step, loss-scale state) and `meta` (JSON: the data position, the
+global batch size, the mesh it was saved from and the full config). There is no other random state: the
+data order and the initialisation derive from `train.seed`, which the config carries.
+
+Life of a checkpoint: Orbax writes it into a temporary directory (in the background with async saves;
+training waits only for the copy off the devices) and renames it to `<step>` when complete. dsjax then
+writes `dsjax_manifest.json` into it: the size and SHA-256 of every file. Only a checkpoint with a manifest
+that matches its files is ever restored; one without (a save cut off before the manifest, or a removed
+manifest) or with a mismatch (a truncated or altered file) is reported by path and skipped for the
+previous good one (`checkpoint.fallback`). Orbax deletes unfinished temporary directories when the next
+run opens the directory.
+
+Restoring reads each array straight into the sharding the current mesh wants (nothing is gathered on one
+device), so a run saved on one mesh continues on any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dsjax.config import CheckpointConfig, ConfigError
+
+MANIFEST = "dsjax_manifest.json"
+REJECTED = "rejected"  # checkpoints newer than the one restored, moved aside instead of deleted
+FORMAT = 1
+# Exit code of a run that stopped on SIGTERM / SIGINT after saving a checkpoint (EX_TEMPFAIL: "try again",
+# which is what a scheduler should do: rerun the same command to resume).
+PREEMPTED_EXIT_CODE = 75
+
+
+class CheckpointError(RuntimeError):
+    """A save failed, or no usable checkpoint could be restored; the message names the path and reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    state: Any  # the TrainState, laid out as the target asked
+    meta: dict
+    path: Path
+
+
+# ----------------------------------------------------------------------------------------------------
+# The state as a flat {key: array} dict: a stable, Orbax-friendly layout whatever pytree types hold it.
+
+
+def _key(path) -> str:
+    return re.sub(r"[^A-Za-z0-9_]+", ".", jax.tree_util.keystr(path)).strip(".")
+
+
+def flatten(tree) -> dict[str, Any]:
+    flat = {_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    if len(flat) != len(jax.tree.leaves(tree)):
+        raise ValueError("two leaves of the train state map to the same checkpoint key")
+    return flat
+
+
+def unflatten(template, flat: dict[str, Any]):
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    return jax.tree.unflatten(treedef, [flat[_key(path)] for path, _ in paths])
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def is_finite(tree) -> bool:
+    """True when every floating-point value of `tree` is finite (one reduction on the devices)."""
+    return bool(jax.device_get(_all_finite(tree)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Manifests
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(step_dir: Path) -> None:
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(step_dir)): {"size": p.stat().st_size, "sha256": _digest(p)} for p in files}
+    tmp = step_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, "files": entries}, indent=1))
+    tmp.replace(step_dir / MANIFEST)
+
+
+def verify(step_dir: Path) -> str | None:
+    """None when every file matches the manifest; else the reason, naming the file."""
+    manifest = step_dir / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST} (the save did not finish, or the manifest was removed)"
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{manifest} is unreadable ({err})"
+    present = {str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST}
+    for name in sorted(set(entries) - present):
+        return f"{step_dir / name} is missing"
+    for name, entry in sorted(entries.items()):
+        path = step_dir / name
+        size = path.stat().st_size
+        if size != entry["size"]:
+            return f"{path} has {size} bytes, the manifest says {entry['size']} (truncated or altered)"
+        if _digest(path) != entry["sha256"]:
+            return f"{path} does not match its SHA-256 in the manifest (corrupted)"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves and restores the train state of one run in `directory` (see the module docstring)."""
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, log: Callable[[str], None] = print):
+        self.dir, self.cfg, self.log = Path(directory).absolute(), cfg, log
+        self._lock = threading.Lock()
+        self._unverified: list[int] = []  # saved by this process, manifest not yet written
+        self._error: BaseException | None = None
+        self._last_time = time.monotonic()
+        self.last_saved: int | None = None
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep,
+            enable_async_checkpointing=cfg.async_save,
+            cleanup_tmp_directories=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifests),
+        )
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.dir, options=options, item_handlers=handlers)
+
+    # -- saving ---------------------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        """Whether the regular schedule (every N steps, every M minutes) asks for a save at `step`."""
+        if step == self.last_saved:
+            return False
+        if self.cfg.every and step % self.cfg.every == 0:
+            return True
+        return bool(self.cfg.every_minutes) and time.monotonic() - self._last_time >= 60 * self.cfg.every_minutes
+
+    def save(self, state, meta: dict) -> bool:
+        """Save `state` as checkpoint `state.step` (asynchronously when configured); False, with a warning,
+        when the state holds NaN or Inf (such a checkpoint is never written)."""
+        self.check()
+        step = int(jax.device_get(state.step))
+        if step == self.last_saved:
+            return True
+        if not is_finite(state):
+            self.log(f"warning: not saving a checkpoint at step {step}: the train state holds NaN or Inf.")
+            return False
+        with self._lock:
+            self._unverified.append(step)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(flatten(state)), meta=ocp.args.JsonSave({"format": FORMAT, **meta})
+        )
+        try:  # Orbax first finishes the previous background save, and raises here if that one failed
+            self.manager.save(step, args=args, force=True)
+        except Exception as err:
+            raise CheckpointError(f"saving a checkpoint to {self.dir} failed: {type(err).__name__}: {err}") from err
+        if not self.cfg.async_save:
+            self._write_manifests()
+        self.check()
+        self.last_saved, self._last_time = step, time.monotonic()
+        return True
+
+    def _write_manifests(self) -> None:
+        # Runs in Orbax's background thread after a finalisation (and from wait()); idempotent.
+        with self._lock:
+            pending, self._unverified = self._unverified, []
+        for step in pending:
+            step_dir = self.dir / str(step)
+            if not step_dir.is_dir():  # not finalised yet: try again later
+                with self._lock:
+                    self._unverified.append(step)
+                continue
+            try:
+                write_manifest(step_dir)
+            except Exception as err:  # surfaced by check()
+                self._error = CheckpointError(f"writing the manifest of checkpoint {step_dir} failed: {err}")
+
+    def check(self) -> None:
+        """Raise CheckpointError if a background save (or its manifest) failed."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as err:
+            raise CheckpointError(f"saving a checkpoint to {self.dir} failed: {type(err).__name__}: {err}") from err
+        if self._error is not None:
+            raise self._error
+
+    def wait(self) -> None:
+        """Finish every pending save, write its manifest and surface any failure."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise CheckpointError(f"saving a checkpoint to {self.dir} failed: {type(err).__name__}: {err}") from err
+        self._write_manifests()
+        self.check()
+        if self._unverified:
+            raise CheckpointError(f"checkpoint(s) {self._unverified} in {self.dir} were never finalised")
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+    # -- restoring ------------------------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        """Steps Orbax finalised in the directory (verified or not), oldest first."""
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def restore(self, target) -> Restored | None:
+        """The checkpoint that checkpoint.restore names, read into `target`'s shapes, dtypes and shardings
+        (a TrainState of arrays or jax.ShapeDtypeStructs); None when there is nothing to restore."""
+        choice = self.cfg.restore
+        if choice == "none":
+            return None
+        if choice == "auto":
+            candidates = self.steps()[::-1]
+            if not candidates:
+                return None
+            return self._restore_first(self, candidates, target)
+        if choice.isdigit():
+            step, steps = int(choice), self.steps()
+            if step not in steps:
+                raise ConfigError(
+                    f"--checkpoint.restore={choice}: no finalized checkpoint of step {step} in {self.dir} "
+                    f"(there are: {steps or 'none'})."
+                )
+            return self._restore_first(self, [s for s in steps[::-1] if s <= step], target)
+        path = Path(choice)
+        if not path.exists():
+            raise ConfigError(f"--checkpoint.restore={choice!r}: {path.absolute()} does not exist.")
+        if path.name.isdigit() and ((path / "meta").exists() or (path / MANIFEST).exists()):
+            other = Checkpointer(path.parent, dataclasses.replace(self.cfg, restore="auto"), self.log)
+            steps = other.steps()
+            return self._restore_first(other, [s for s in steps[::-1] if s <= int(path.name)], target)
+        other = Checkpointer(path, dataclasses.replace(self.cfg, restore="auto"), self.log)
+        steps = other.steps()
+        if not steps:
+            raise ConfigError(f"--checkpoint.restore={choice!r}: {path.absolute()} holds no finalized checkpoint.")
+        return self._restore_first(other, steps[::-1], target)
+
+    def _restore_first(self, source: Checkpointer, candidates: list[int], target) -> Restored:
+        problems = []
+        for step in candidates:
+            step_dir = source.dir / str(step)
+            reason = verify(step_dir)
+            if reason is None:
+                restored = source._read(step, target)
+                if source is self:
+                    self._set_aside_newer_than(step)
+                    self.last_saved = step  # already on disk: saving this step again is a no-op
+                return restored
+            problems.append(f"{step_dir}: {reason}")
+            self.log(f"warning: checkpoint {step_dir} is unusable: {reason}")
+            if not self.cfg.fallback:
+                break
+            if len(problems) < len(candidates):
+                self.log("warning: falling back to the previous checkpoint (checkpoint.fallback=true).")
+        raise CheckpointError(
+            "no usable checkpoint: " + "; ".join(problems) + ". Start fresh with --checkpoint.restore=none "
+            "(the directory is left as it is) or point --checkpoint.restore at another checkpoint."
+        )
+
+    def _read(self, step: int, target) -> Restored:
+        step_dir = self.dir / str(step)
+        wanted = flatten(target)
+        stored = self.manager.item_metadata(step)["state"]
+        missing, unexpected = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))
+        if missing or unexpected:
+            raise ConfigError(
+                f"checkpoint {step_dir} does not hold this model's train state: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}. Restore it with the model config it was saved with "
+                "(see its meta/config), or start fresh with --checkpoint.restore=none."
+            )
+        for key, want in wanted.items():
+            have = stored[key]
+            if tuple(have.shape) != tuple(want.shape):
+                raise ConfigError(
+                    f"checkpoint {step_dir}: parameter {key} has shape {tuple(have.shape)} in the checkpoint "
+                    f"but {tuple(want.shape)} in this model; restore with the model config it was saved with "
+                    "or start fresh with --checkpoint.restore=none."
+                )
+        abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in wanted.items()}
+        items = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
+        return Restored(state=unflatten(target, items["state"]), meta=dict(items["meta"]), path=step_dir)
+
+    def _set_aside_newer_than(self, step: int) -> None:
+        """Move checkpoints newer than the restored one (unusable, or from a run that went further) out of
+        the way of the coming saves, into <dir>/rejected/, instead of deleting them."""
+        for newer in [s for s in self.steps() if s > step]:
+            target = self.dir / REJECTED / f"{newer}-{time.strftime('%Y%m%d-%H%M%S')}"
+            target.parent.mkdir(exist_ok=True)
+            shutil.move(str(self.dir / str(newer)), target)
+            self.log(f"warning: moved checkpoint {self.dir / str(newer)} (newer than the one restored) to {target}")
+        self.manager.reload()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preemption
+
+
+class Preemption:
+    """Within `with Preemption() as p:`, SIGTERM and SIGINT set `p.requested` instead of killing the
+    process; the training loop saves at the next step boundary and exits with PREEMPTED_EXIT_CODE. A
+    second signal of the same kind acts as usual (Ctrl-C twice still interrupts at once). Handlers can
+    only be installed from the main thread; elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = signal.Signals(signum).name
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop. Multi-process runs agree on it with one small collective,
+        so every process saves the same step."""
+        if jax.process_count() == 1:
+            return self.requested is not None
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
+        return bool(np.max(flags))

@@ -1,0 +1,267 @@
+"""Checkpoints in one process: manifests and the corruption cases, fallback, shape and path errors, the
+non-finite guard, a failing background save, preemption at a step boundary and exact resume, and restore
+onto another mesh. (Killed processes and fresh-process restores: test_checkpoint_processes.py.)"""
+
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from dsjax import checkpoint as ckpt
+from dsjax import train
+from dsjax.config import CheckpointConfig, Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
+
+ONE_DEVICE = MeshConfig(fsdp=1)
+MODEL = ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64, max_seq_len=32)
+
+
+def config(steps=6, mesh=ONE_DEVICE, model=MODEL, **checkpoint) -> Config:
+    return Config(
+        model=model,
+        mesh=mesh,
+        data=DataConfig(source="default"),
+        train=TrainConfig(steps=steps, batch_size=8, seq_len=32, log_every=2, eval_every=0, eval_batches=1),
+        checkpoint=CheckpointConfig(**{"every": 2, **checkpoint}),
+    )
+
+
+def arrays(state) -> dict[str, np.ndarray]:
+    return {k: np.asarray(jax.device_get(v)) for k, v in ckpt.flatten(state).items()}
+
+
+def assert_same_state(a, b):
+    a, b = arrays(a), arrays(b)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def trained_checkpoints(tmp_path, steps=(2, 4), **checkpoint):
+    """A run saved at `steps` in tmp_path/ckpt; returns (run, {step: saved state as numpy})."""
+    run = train.build(config(**checkpoint), devices=jax.devices()[:1])
+    saver = ckpt.Checkpointer(tmp_path / "ckpt", run.config.checkpoint, log=lambda _: None)
+    saved = {}
+    for step in range(max(steps)):
+        run.state, _ = run.train_step(run.state, train.batch_at(run, run.train_samples, step))
+        if step + 1 in steps:
+            assert saver.save(run.state, train.checkpoint_meta(run))
+            saved[step + 1] = arrays(run.state)
+    saver.close()
+    return run, saved
+
+
+def restore_into_fresh(tmp_path, logs=None, **checkpoint):
+    run = train.build(config(**checkpoint), devices=jax.devices()[:1])
+    log = logs.append if logs is not None else lambda _: None
+    return run, train.restore(run, ckpt.Checkpointer(tmp_path / "ckpt", run.config.checkpoint, log=log), log=log)
+
+
+def test_checkpoint_config_errors_name_the_field():
+    for field, value, fragment in [("every", -1, "checkpoint.every"), ("keep", 0, "checkpoint.keep")]:
+        with pytest.raises(ConfigError, match=fragment):
+            CheckpointConfig(**{field: value})
+
+
+def test_a_checkpoint_holds_the_whole_state_and_the_data_position(tmp_path):
+    _, saved = trained_checkpoints(tmp_path)
+    for step in (2, 4):
+        assert ckpt.verify(tmp_path / "ckpt" / str(step)) is None
+    run, restored = restore_into_fresh(tmp_path)
+    assert restored.path == tmp_path / "ckpt" / "4"
+    assert {k: v for k, v in arrays(run.state).items()}.keys() == saved[4].keys()
+    for key, value in arrays(run.state).items():
+        np.testing.assert_array_equal(value, saved[4][key], err_msg=key)
+    assert restored.meta["step"] == 4 and restored.meta["samples"] == 32 and restored.meta["batch_size"] == 8
+    assert Config.from_dict(restored.meta["config"]) == run.config
+    assert run.batch_offset == 0
+
+
+def corrupt_truncate(step_dir):
+    victim = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    return victim.name
+
+
+def corrupt_empty_metadata(step_dir):
+    victim = step_dir / "_CHECKPOINT_METADATA"
+    victim.write_text("")
+    return victim.name
+
+
+def corrupt_remove_manifest(step_dir):
+    (step_dir / ckpt.MANIFEST).unlink()
+    return ckpt.MANIFEST
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_truncate, corrupt_empty_metadata, corrupt_remove_manifest])
+def test_a_corrupt_checkpoint_is_named_and_the_previous_one_used(tmp_path, corrupt):
+    _, saved = trained_checkpoints(tmp_path)
+    bad = tmp_path / "ckpt" / "4"
+    name = corrupt(bad)
+    logs = []
+    run, restored = restore_into_fresh(tmp_path, logs)
+    assert restored.path == tmp_path / "ckpt" / "2"
+    for key, value in arrays(run.state).items():
+        np.testing.assert_array_equal(value, saved[2][key], err_msg=key)
+    warning = next(line for line in logs if "unusable" in line)
+    assert str(bad) in warning and name in warning
+    # the unusable newer checkpoint is moved aside (not deleted), out of the way of the coming saves
+    assert not bad.exists()
+    assert [p.name.split("-")[0] for p in (tmp_path / "ckpt" / ckpt.REJECTED).iterdir()] == ["4"]
+
+
+def test_without_fallback_a_corrupt_checkpoint_is_an_error(tmp_path):
+    trained_checkpoints(tmp_path)
+    corrupt_truncate(tmp_path / "ckpt" / "4")
+    with pytest.raises(ckpt.CheckpointError, match=str(tmp_path / "ckpt" / "4")):
+        restore_into_fresh(tmp_path, fallback=False)
+    assert (tmp_path / "ckpt" / "4").exists()  # nothing moved or deleted
+
+
+def test_when_every_checkpoint_is_corrupt_training_does_not_silently_start_over(tmp_path):
+    trained_checkpoints(tmp_path)
+    for step in (2, 4):
+        corrupt_remove_manifest(tmp_path / "ckpt" / str(step))
+    with pytest.raises(ckpt.CheckpointError, match=r"--checkpoint\.restore=none"):
+        restore_into_fresh(tmp_path)
+
+
+def test_restoring_into_another_model_shape_names_the_parameter_and_both_shapes(tmp_path):
+    trained_checkpoints(tmp_path)
+    wider = ModelConfig(**{**MODEL.__dict__, "d_ff": 96})
+    run = train.build(config(model=wider), devices=jax.devices()[:1])
+    saver = ckpt.Checkpointer(tmp_path / "ckpt", run.config.checkpoint, log=lambda _: None)
+    with pytest.raises(ConfigError) as err:
+        train.restore(run, saver)
+    message = str(err.value)
+    assert "parameter params.blocks.w_" in message and "in the checkpoint but" in message
+    assert "64" in message and "96" in message and str(tmp_path / "ckpt" / "4") in message
+
+
+@pytest.mark.parametrize("restore, fragment", [("17", "no finalized checkpoint of step 17"), ("nowhere", "nowhere")])
+def test_a_missing_restore_target_is_a_config_error_naming_it(tmp_path, monkeypatch, restore, fragment):
+    trained_checkpoints(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=fragment):
+        restore_into_fresh(tmp_path, restore=restore)
+
+
+def test_restore_from_an_explicit_step_directory(tmp_path):
+    _, saved = trained_checkpoints(tmp_path)
+    run = train.build(config(), devices=jax.devices()[:1])
+    cfg = CheckpointConfig(restore=str(tmp_path / "ckpt" / "2"))
+    restored = train.restore(run, ckpt.Checkpointer(tmp_path / "other", cfg, log=lambda _: None), log=lambda _: None)
+    assert restored.path == tmp_path / "ckpt" / "2"
+    for key, value in arrays(run.state).items():
+        np.testing.assert_array_equal(value, saved[2][key], err_msg=key)
+
+
+def test_a_state_holding_nan_is_never_saved(tmp_path):
+    run = train.build(config(), devices=jax.devices()[:1])
+    poisoned = jax.tree.map(lambda x: x * np.nan if x.dtype == np.float32 and x.ndim == 2 else x, run.state)
+    logs = []
+    saver = ckpt.Checkpointer(tmp_path / "ckpt", run.config.checkpoint, log=logs.append)
+    assert saver.save(poisoned, train.checkpoint_meta(run)) is False
+    saver.close()
+    assert saver.steps() == [] and any("NaN or Inf" in line for line in logs)
+
+
+class FailingWrite(ocp.future.Future):
+    """A background write that fails, as a full disk would."""
+
+    def result(self, timeout=None):
+        raise OSError("injected write failure")
+
+
+def test_a_failed_background_save_stops_the_run_with_the_reason(tmp_path, monkeypatch, capsys):
+    original = ocp.StandardCheckpointHandler.async_save
+
+    async def failing(self, *args, **kwargs):
+        return [*(await original(self, *args, **kwargs) or []), FailingWrite()]
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", failing)
+    argv = [f"--out={tmp_path / 'run'}", "--train.steps=4", "--checkpoint.every=2", "--train.sample_tokens=0"]
+    argv += ["--model.n_layers=1", "--model.d_model=32", "--model.n_heads=2", "--model.n_kv_heads=2"]
+    code = train.main([*argv, "--model.d_ff=64", "--train.seq_len=32", "--train.eval_every=0"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "checkpoint error" in err and "injected write failure" in err and "Traceback" not in err
+
+
+class StopAt:
+    """A Preemption whose signal 'arrives' once the run reaches `step`."""
+
+    def __init__(self, run_holder, step):
+        self.run_holder, self.step, self.requested = run_holder, step, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def agreed(self):
+        if int(jax.device_get(self.run_holder[0].state.step)) >= self.step:
+            self.requested = "SIGTERM"
+        return self.requested is not None
+
+
+def test_preemption_saves_at_the_step_boundary_and_the_rerun_continues_exactly(tmp_path, monkeypatch):
+    holder = []
+    real_fit = train.fit
+
+    def fit(run, *args):
+        holder.append(run)
+        return real_fit(run, *args)
+
+    cfg = config(steps=8, mesh=MeshConfig(), every=100)  # train() uses every device: fsdp 8
+    monkeypatch.setattr(train, "fit", fit)
+    monkeypatch.setattr(ckpt, "Preemption", lambda: StopAt(holder, 3))
+    with pytest.raises(train.Preempted, match="SIGTERM received: stopped after step 3"):
+        train.train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
+    assert ckpt.verify(tmp_path / "run" / "checkpoints" / "3") is None
+
+    monkeypatch.setattr(ckpt, "Preemption", lambda: StopAt(holder, 10**9))
+    resumed, history = train.train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
+    straight, straight_history = train.train(cfg, tmp_path / "straight", progress=False, log=lambda _: None)
+    assert_same_state(resumed.state, straight.state)
+    losses = {r["step"]: r["loss"] for r in straight_history if "loss" in r}
+    assert {r["step"]: r["loss"] for r in history if "loss" in r} == {s: v for s, v in losses.items() if s > 3}
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 3, "restored_from": str((tmp_path / "run" / "checkpoints" / "3").absolute())} in records
+
+
+def test_rerunning_a_finished_run_restores_it_and_trains_nothing(tmp_path):
+    cfg = config(steps=4, mesh=MeshConfig())
+    first, _ = train.train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
+    again, history = train.train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
+    assert_same_state(first.state, again.state)
+    assert not [r for r in history if "loss" in r]
+
+
+def test_restore_none_refuses_an_existing_run_directory(tmp_path):
+    train.train(config(steps=2, mesh=MeshConfig()), tmp_path / "run", progress=False, log=lambda _: None)
+    with pytest.raises(ConfigError, match=r"checkpoint\.restore=none"):
+        cfg = config(steps=2, mesh=MeshConfig(), restore="none")
+        train.train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
+
+
+def test_restore_onto_another_mesh_lays_every_array_out_for_it(tmp_path):
+    """Saved from data 2 x fsdp 2 x tensor 2 on 8 devices, restored onto fsdp 4 and onto 1 device."""
+    model = ModelConfig(n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32)
+    source = train.build(config(model=model, mesh=MeshConfig(data=2, fsdp=2, tensor=2)), devices=jax.devices())
+    source.state, _ = source.train_step(source.state, train.batch_at(source, source.train_samples, 0))
+    saver = ckpt.Checkpointer(tmp_path / "ckpt", source.config.checkpoint, log=lambda _: None)
+    saver.save(source.state, train.checkpoint_meta(source))
+    saver.close()
+    for mesh, devices in [(MeshConfig(fsdp=4), jax.devices()[:4]), (MeshConfig(fsdp=1), jax.devices()[:1])]:
+        run = train.build(config(model=model, mesh=mesh), devices=devices)
+        wanted = {k: v.sharding for k, v in ckpt.flatten(run.state).items()}
+        train.restore(run, ckpt.Checkpointer(tmp_path / "ckpt", run.config.checkpoint, log=lambda _: None), log=print)
+        for key, value in ckpt.flatten(run.state).items():
+            assert value.sharding.is_equivalent_to(wanted[key], value.ndim), key
+        assert_same_state(run.state, source.state)
+        assert nnx.to_flat_state(run.state.params)  # a real parameter tree came back
