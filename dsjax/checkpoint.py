@@ -144,11 +144,9 @@ class Checkpointer:
         self._error: BaseException | None = None
         self._last_time = time.monotonic()
         self.last_saved: int | None = None
+        self._watcher: threading.Thread | None = None
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep,
-            enable_async_checkpointing=cfg.async_save,
-            cleanup_tmp_directories=True,
-            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifests),
+            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=True
         )
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.dir, options=options, item_handlers=handlers)
@@ -182,26 +180,47 @@ class Checkpointer:
             self.manager.save(step, args=args, force=True)
         except Exception as err:
             raise CheckpointError(f"saving a checkpoint to {self.dir} failed: {type(err).__name__}: {err}") from err
-        if not self.cfg.async_save:
-            self._write_manifests()
+        if self.cfg.async_save:
+            self._watch()
+        else:
+            self._write_manifests(lambda step: True)
         self.check()
         self.last_saved, self._last_time = step, time.monotonic()
         return True
 
-    def _write_manifests(self) -> None:
-        # Runs in Orbax's background thread after a finalisation (and from wait()); idempotent.
+    def _finished(self, step: int) -> bool:
+        """Orbax is done with `step`: its directory has its final name and no background work on it is left
+        (a later save has been issued, which Orbax starts only once the previous one completed, or none is
+        in progress)."""
+        if not (self.dir / str(step)).is_dir():
+            return False
+        return (self.last_saved is not None and self.last_saved > step) or not self.manager.is_saving_in_progress()
+
+    def _write_manifests(self, ready: Callable[[int], bool]) -> None:
+        """Write the manifest of every saved step that `ready` accepts; each step is written exactly once."""
         with self._lock:
-            pending, self._unverified = self._unverified, []
-        for step in pending:
-            step_dir = self.dir / str(step)
-            if not step_dir.is_dir():  # not finalised yet: try again later
-                with self._lock:
-                    self._unverified.append(step)
-                continue
+            steps = [s for s in self._unverified if ready(s)]
+            self._unverified = [s for s in self._unverified if s not in steps]
+        for step in steps:
             try:
-                write_manifest(step_dir)
+                write_manifest(self.dir / str(step))
             except Exception as err:  # surfaced by check()
-                self._error = CheckpointError(f"writing the manifest of checkpoint {step_dir} failed: {err}")
+                where = self.dir / str(step)
+                self._error = CheckpointError(f"writing the manifest of checkpoint {where} failed: {err}")
+
+    def _watch(self) -> None:
+        """Start (once) the thread that writes each async checkpoint's manifest as soon as Orbax has
+        finalized it, so a finalized checkpoint is verifiable without waiting for the next save."""
+        if self._watcher is not None and self._watcher.is_alive():
+            return
+
+        def loop():
+            while self._unverified:
+                self._write_manifests(self._finished)
+                time.sleep(0.05)
+
+        self._watcher = threading.Thread(target=loop, name="dsjax-checkpoint-manifests", daemon=True)
+        self._watcher.start()
 
     def check(self) -> None:
         """Raise CheckpointError if a background save (or its manifest) failed."""
@@ -218,7 +237,9 @@ class Checkpointer:
             self.manager.wait_until_finished()
         except Exception as err:
             raise CheckpointError(f"saving a checkpoint to {self.dir} failed: {type(err).__name__}: {err}") from err
-        self._write_manifests()
+        self._write_manifests(lambda step: (self.dir / str(step)).is_dir())
+        if self._watcher is not None:
+            self._watcher.join()
         self.check()
         if self._unverified:
             raise CheckpointError(f"checkpoint(s) {self._unverified} in {self.dir} were never finalised")

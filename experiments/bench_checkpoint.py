@@ -1,0 +1,129 @@
+"""Checkpoint benchmark: what saving and restoring cost a training run. Prints one JSON line.
+
+Usage (from the repository root; the issue's target workload is llama-1b on one H100):
+    PYTHONPATH=. python experiments/bench_checkpoint.py --preset=llama-1b [--batch=8] [--steps=300]
+        [--every=100] [--dir=/tmp/dsjax-bench-ckpt] [--sync] [--set=section.field=value ...]
+
+Measured, in one process on the same compiled step (dsjax.train.build / prepare, synthetic data):
+- step_time_ms: median step time without checkpoints, over --steps steps (one block at the end);
+- with_saves_step_time_ms and overhead: the same number of steps, saving every --every steps exactly as
+  the training loop does (dsjax.checkpoint.Checkpointer.save), the last save's completion included;
+- save_blocking_s: how long each save() held up the training loop once its step had finished (the copy
+  off the devices for async saves; the whole write with --sync), median over the saves;
+- save_total_s: from a save() call until the checkpoint was finalized and its manifest written;
+- restore_s and restore_gb_per_s: reading the newest checkpoint back onto the run's mesh (manifest check
+  included), and the checkpoint's bytes over that time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jaxlib
+
+from dsjax import checkpoint as ckpt
+from dsjax import memory
+from dsjax.config import apply_overrides, preset
+from dsjax.train import batches, build, checkpoint_meta, prepare, restore
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="llama-1b")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--dir", default="/tmp/dsjax-bench-ckpt")
+    parser.add_argument("--sync", action="store_true", help="blocking saves instead of async ones")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    overrides = dict(s.split("=", 1) for s in args.set)
+    if args.batch:
+        overrides["train.batch_size"] = str(args.batch)
+    overrides.update({"data.source": "synthetic", "checkpoint.async_save": str(not args.sync).lower()})
+    config = apply_overrides(preset(args.preset), overrides)
+    run = build(config)
+    compiled = prepare(run, log=lambda text: print(text, file=sys.stderr))
+    total = args.warmup + 2 * args.steps
+    feed = batches(run, run.train_samples, 0, total)
+    for _ in range(args.warmup):
+        run.state, metrics = compiled(run.state, next(feed))
+    jax.block_until_ready(run.state)
+
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        run.state, metrics = compiled(run.state, next(feed))
+    jax.block_until_ready((run.state, metrics))
+    plain = (time.perf_counter() - start) / args.steps
+
+    directory = Path(args.dir)
+    shutil.rmtree(directory, ignore_errors=True)
+    saver = ckpt.Checkpointer(directory, config.checkpoint, log=lambda text: print(text, file=sys.stderr))
+    blocking, totals = [], []
+    start = time.perf_counter()
+    for i in range(args.steps):
+        run.state, metrics = compiled(run.state, next(feed))
+        if (i + 1) % args.every == 0:
+            jax.block_until_ready(run.state)  # save() waits for the step anyway; time the save alone
+            t0 = time.perf_counter()
+            saver.save(run.state, checkpoint_meta(run))
+            blocking.append(time.perf_counter() - t0)
+            totals.append(t0)
+    saver.wait()
+    jax.block_until_ready((run.state, metrics))
+    with_saves = (time.perf_counter() - start) / args.steps
+    # total save time of the last save: until wait() returned (finalized, manifest written)
+    save_total = time.perf_counter() - totals[-1] if totals else None
+    saved_bytes = sum(p.stat().st_size for p in (directory / str(saver.last_saved)).rglob("*") if p.is_file())
+    saver.manager.close()
+
+    reader = ckpt.Checkpointer(directory, config.checkpoint, log=lambda text: print(text, file=sys.stderr))
+    jax.block_until_ready(run.state)
+    t0 = time.perf_counter()
+    restore(run, reader, log=lambda text: print(text, file=sys.stderr))
+    jax.block_until_ready(run.state)
+    restore_s = time.perf_counter() - t0
+    reader.manager.close()
+
+    print(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "overrides": overrides,
+                "device": jax.devices()[0].device_kind,
+                "n_devices": len(jax.devices()),
+                "jax": jax.__version__,
+                "jaxlib": jaxlib.__version__,
+                "mesh": run.degrees,
+                "batch": config.train.batch_size,
+                "async_save": not args.sync,
+                "steps": args.steps,
+                "every": args.every,
+                "step_time_ms": round(1000 * plain, 2),
+                "with_saves_step_time_ms": round(1000 * with_saves, 2),
+                "overhead": round(with_saves / plain - 1, 4),
+                "saves": len(blocking),
+                "save_blocking_s": round(statistics.median(blocking), 3) if blocking else None,
+                "save_total_s": None if save_total is None else round(save_total, 3),
+                "checkpoint_gib": round(saved_bytes / memory.GIB, 3),
+                "restore_s": round(restore_s, 3),
+                "restore_gb_per_s": round(saved_bytes / 1e9 / restore_s, 3),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
