@@ -137,7 +137,9 @@ def verify(step_dir: Path) -> str | None:
 class Checkpointer:
     """Saves and restores the train state of one run in `directory` (see the module docstring)."""
 
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig, log: Callable[[str], None] = print):
+    def __init__(
+        self, directory: str | Path, cfg: CheckpointConfig, log: Callable[[str], None] = print, read_only: bool = False
+    ):
         self.dir, self.cfg, self.log = Path(directory).absolute(), cfg, log
         self._lock = threading.Lock()
         self._unverified: list[int] = []  # saved by this process, manifest not yet written
@@ -145,8 +147,17 @@ class Checkpointer:
         self._last_time = time.monotonic()
         self.last_saved: int | None = None
         self._watcher: threading.Thread | None = None
+        # Old checkpoints are deleted here, not by Orbax: only once a newer one has its manifest (Orbax's
+        # max_to_keep would delete a verified checkpoint before its successor is verifiable, and while the
+        # manifest thread may still be reading it). The directory is created at the first save, so a run
+        # rejected before training leaves nothing behind; read-only managers (a restore from another run's
+        # directory) never create, clean up or delete anything there.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=True
+            max_to_keep=None,
+            enable_async_checkpointing=cfg.async_save,
+            cleanup_tmp_directories=not read_only,
+            create=False,
+            read_only=read_only,
         )
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.dir, options=options, item_handlers=handlers)
@@ -173,6 +184,7 @@ class Checkpointer:
             return False
         with self._lock:
             self._unverified.append(step)
+        self.dir.mkdir(parents=True, exist_ok=True)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(flatten(state)), meta=ocp.args.JsonSave({"format": FORMAT, **meta})
         )
@@ -204,23 +216,42 @@ class Checkpointer:
         for step in steps:
             try:
                 write_manifest(self.dir / str(step))
+                self._collect()
             except Exception as err:  # surfaced by check()
                 where = self.dir / str(step)
                 self._error = CheckpointError(f"writing the manifest of checkpoint {where} failed: {err}")
 
+    def _collect(self) -> None:
+        """Delete finalized checkpoints older than the newest `keep` that have manifests."""
+        steps = sorted(int(p.name) for p in self.dir.iterdir() if p.name.isdigit() and p.is_dir())
+        verified = [s for s in steps if (self.dir / str(s) / MANIFEST).is_file()]
+        if len(verified) <= self.cfg.keep:
+            return
+        oldest_kept = verified[-self.cfg.keep]
+        with self._lock:
+            busy = set(self._unverified)
+        for step in steps:
+            if step < oldest_kept and step not in busy:
+                shutil.rmtree(self.dir / str(step), ignore_errors=True)
+
     def _watch(self) -> None:
         """Start (once) the thread that writes each async checkpoint's manifest as soon as Orbax has
         finalized it, so a finalized checkpoint is verifiable without waiting for the next save."""
-        if self._watcher is not None and self._watcher.is_alive():
-            return
+        with self._lock:
+            if self._watcher is not None and self._watcher.is_alive():
+                return
 
-        def loop():
-            while self._unverified:
-                self._write_manifests(self._finished)
-                time.sleep(0.05)
+            def loop():
+                while True:
+                    self._write_manifests(self._finished)
+                    with self._lock:
+                        if not self._unverified:
+                            self._watcher = None  # decided under the lock: save() starts a new one if needed
+                            return
+                    time.sleep(0.05)
 
-        self._watcher = threading.Thread(target=loop, name="dsjax-checkpoint-manifests", daemon=True)
-        self._watcher.start()
+            self._watcher = threading.Thread(target=loop, name="dsjax-checkpoint-manifests", daemon=True)
+            self._watcher.start()
 
     def check(self) -> None:
         """Raise CheckpointError if a background save (or its manifest) failed."""
@@ -237,12 +268,16 @@ class Checkpointer:
             self.manager.wait_until_finished()
         except Exception as err:
             raise CheckpointError(f"saving a checkpoint to {self.dir} failed: {type(err).__name__}: {err}") from err
+        # Orbax has no background work left: a saved step is either finalized now or never will be.
         self._write_manifests(lambda step: (self.dir / str(step)).is_dir())
-        if self._watcher is not None:
-            self._watcher.join()
+        with self._lock:
+            lost, self._unverified = self._unverified, []
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.join()
         self.check()
-        if self._unverified:
-            raise CheckpointError(f"checkpoint(s) {self._unverified} in {self.dir} were never finalised")
+        if lost:
+            raise CheckpointError(f"checkpoint(s) {lost} in {self.dir} were never finalized (the save failed)")
 
     def close(self) -> None:
         try:
@@ -279,15 +314,22 @@ class Checkpointer:
         path = Path(choice)
         if not path.exists():
             raise ConfigError(f"--checkpoint.restore={choice!r}: {path.absolute()} does not exist.")
-        if path.name.isdigit() and ((path / "meta").exists() or (path / MANIFEST).exists()):
-            other = Checkpointer(path.parent, dataclasses.replace(self.cfg, restore="auto"), self.log)
+        is_step = path.name.isdigit() and ((path / "meta").exists() or (path / MANIFEST).exists())
+        root = path.parent if is_step else path
+        if root.resolve() == self.dir.resolve():
+            other = self
+        else:
+            other = Checkpointer(root, dataclasses.replace(self.cfg, restore="auto"), self.log, read_only=True)
+        try:
             steps = other.steps()
-            return self._restore_first(other, [s for s in steps[::-1] if s <= int(path.name)], target)
-        other = Checkpointer(path, dataclasses.replace(self.cfg, restore="auto"), self.log)
-        steps = other.steps()
-        if not steps:
-            raise ConfigError(f"--checkpoint.restore={choice!r}: {path.absolute()} holds no finalized checkpoint.")
-        return self._restore_first(other, steps[::-1], target)
+            if is_step:
+                steps = [s for s in steps if s <= int(path.name)]
+            if not steps:
+                raise ConfigError(f"--checkpoint.restore={choice!r}: {path.absolute()} holds no finalized checkpoint.")
+            return self._restore_first(other, steps[::-1], target)
+        finally:
+            if other is not self:
+                other.manager.close()
 
     def _restore_first(self, source: Checkpointer, candidates: list[int], target) -> Restored:
         problems = []
@@ -307,8 +349,8 @@ class Checkpointer:
             if len(problems) < len(candidates):
                 self.log("warning: falling back to the previous checkpoint (checkpoint.fallback=true).")
         raise CheckpointError(
-            "no usable checkpoint: " + "; ".join(problems) + ". Start fresh with --checkpoint.restore=none "
-            "(the directory is left as it is) or point --checkpoint.restore at another checkpoint."
+            "no usable checkpoint: " + "; ".join(problems) + ". Start fresh in a new --out (this directory is "
+            "left as it is), or point --checkpoint.restore at another checkpoint."
         )
 
     def _read(self, step: int, target) -> Restored:

@@ -258,7 +258,8 @@ def fit(
     trip an all-reduce rendezvous timeout; BENCHMARKS.md).
 
     With a `checkpointer`, the state is saved on its schedule and after the last step; with a
-    `preemption` whose signal arrived, it is saved at the next step boundary and Preempted is raised.
+    `preemption` (which needs a checkpointer) whose signal arrived, it is saved at the next step boundary
+    and Preempted is raised.
     """
     t = run.config.train
     sink = MetricsLog(out / "metrics.jsonl") if out is not None else None
@@ -321,14 +322,15 @@ def fit(
             while len(pending) > lag:
                 report(*pending.popleft())
             bar.update(1)
-            if preemption is not None and preemption.agreed():
+            if preemption is not None and checkpointer is not None and preemption.agreed():
                 while pending:
                     report(*pending.popleft())
-                saved = checkpointer is not None and checkpointer.save(run.state, checkpoint_meta(run))
-                if checkpointer is not None:
-                    checkpointer.wait()
-                where = f"checkpoint {checkpointer.dir / str(step + 1)}" if saved else "no checkpoint (none configured)"
-                raise Preempted(f"{preemption.requested} received: stopped after step {step + 1}, saved {where}.")
+                if checkpointer.save(run.state, checkpoint_meta(run)):
+                    where = f"saved checkpoint {checkpointer.dir / str(step + 1)}"
+                else:
+                    where = "saved no checkpoint (the state is not finite)"
+                checkpointer.wait()
+                raise Preempted(f"{preemption.requested} received: stopped after step {step + 1}, {where}.")
             if checkpointer is not None and checkpointer.due(step + 1) and step + 1 != t.steps:
                 checkpointer.save(run.state, checkpoint_meta(run))
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 != t.steps:
@@ -419,7 +421,11 @@ def train(
     nothing behind. SIGTERM / SIGINT save a checkpoint at the next step boundary and raise Preempted.
     """
     c = config.checkpoint
-    out_dir = _check_out(out, resumable=c.enabled and c.restore != "none") if out is not None else None
+    if out is not None:
+        own = Path(c.dir) if c.dir else Path(out) / "checkpoints"
+        out_dir = _check_out(out, resumable=c.enabled and c.restore != "none" and _holds_checkpoints(own))
+    else:
+        out_dir = None
     run = build(config)
     log(f"data: {run.corpus.description if run.corpus else 'synthetic tokens'}")
     directory = None
@@ -439,13 +445,23 @@ def train(
             sink.close()
     if directory is not None and checkpointer is None:
         checkpointer = ckpt.Checkpointer(directory, c, log)
+    if checkpointer is None:
+        return run, fit(run, out_dir, progress, log, compiled)
     try:
         with ckpt.Preemption() as preemption:
             history = fit(run, out_dir, progress, log, compiled, checkpointer, preemption)
-    finally:
-        if checkpointer is not None:
-            checkpointer.manager.close()
+    except BaseException:
+        try:  # finish and verify what was saved, but let the original error through
+            checkpointer.close()
+        except Exception as err:
+            log(f"warning: {err}")
+        raise
+    checkpointer.close()
     return run, history
+
+
+def _holds_checkpoints(directory: Path) -> bool:
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def _check_out(out: str | Path, resumable: bool = False) -> Path:
@@ -458,15 +474,11 @@ def _check_out(out: str | Path, resumable: bool = False) -> Path:
         raise ConfigError(f"--out={str(out)!r} cannot be created: {ancestor} {what}.")
     if path.is_dir() and any(path.iterdir()):
         if resumable and (path / "config.json").is_file():
-            return path  # an earlier run of dsjax: resume it
+            return path  # an earlier run of dsjax with checkpoints: resume it
         raise ConfigError(
-            f"--out={str(out)!r} already holds files"
-            + (
-                " that are not a dsjax run"
-                if resumable
-                else " and --checkpoint.restore=none (or checkpoint.enabled=false) forbids resuming it"
-            )
-            + "; dsjax will not mix two runs in one directory. Choose a new --out (or remove the old run)."
+            f"--out={str(out)!r} already holds files and nothing to resume (no checkpoint, or "
+            "--checkpoint.restore=none / checkpoint.enabled=false); dsjax will not mix two runs in one "
+            "directory. Choose a new --out (or remove the old run)."
         )
     return path
 

@@ -5,14 +5,17 @@ Usage (from the repository root; the issue's target workload is llama-1b on one 
         [--every=100] [--dir=/tmp/dsjax-bench-ckpt] [--sync] [--set=section.field=value ...]
 
 Measured, in one process on the same compiled step (dsjax.train.build / prepare, synthetic data):
-- step_time_ms: median step time without checkpoints, over --steps steps (one block at the end);
+- step_time_ms: mean step time without checkpoints, over --steps steps (one block at the end);
 - with_saves_step_time_ms and overhead: the same number of steps, saving every --every steps exactly as
-  the training loop does (dsjax.checkpoint.Checkpointer.save), the last save's completion included;
+  the training loop does (dsjax.checkpoint.Checkpointer.save); the writes still in the background when
+  the last step finished are reported apart, as final_flush_s;
 - save_blocking_s: how long each save() held up the training loop once its step had finished (the copy
   off the devices for async saves; the whole write with --sync), median over the saves;
-- save_total_s: from a save() call until the checkpoint was finalized and its manifest written;
+- save_total_s: from the last save() call (at the last step when --every divides --steps) until the
+  checkpoint was finalized and its manifest written;
 - restore_s and restore_gb_per_s: reading the newest checkpoint back onto the run's mesh (manifest check
-  included), and the checkpoint's bytes over that time.
+  included), and the checkpoint's bytes over that time. The files were just written, so this is a warm
+  read from the page cache, faster than a cold restart.
 """
 
 from __future__ import annotations
@@ -81,9 +84,11 @@ def main() -> None:
             saver.save(run.state, checkpoint_meta(run))
             blocking.append(time.perf_counter() - t0)
             totals.append(t0)
-    saver.wait()
     jax.block_until_ready((run.state, metrics))
     with_saves = (time.perf_counter() - start) / args.steps
+    t0 = time.perf_counter()
+    saver.wait()
+    final_flush = time.perf_counter() - t0
     # total save time of the last save: until wait() returned (finalized, manifest written)
     save_total = time.perf_counter() - totals[-1] if totals else None
     saved_bytes = sum(p.stat().st_size for p in (directory / str(saver.last_saved)).rglob("*") if p.is_file())
@@ -114,6 +119,7 @@ def main() -> None:
                 "step_time_ms": round(1000 * plain, 2),
                 "with_saves_step_time_ms": round(1000 * with_saves, 2),
                 "overhead": round(with_saves / plain - 1, 4),
+                "final_flush_s": round(final_flush, 3),
                 "saves": len(blocking),
                 "save_blocking_s": round(statistics.median(blocking), 3) if blocking else None,
                 "save_total_s": None if save_total is None else round(save_total, 3),

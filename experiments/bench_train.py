@@ -119,7 +119,7 @@ def measure(args: argparse.Namespace) -> dict:
         return result
     n_steps = args.warmup + args.windows * args.steps + (3 if args.profile else 0)
     feed = batches(run, run.train_samples, 0, n_steps)
-    state = run.state
+    state, metrics = run.state, None
     for _ in range(args.warmup):
         state, metrics = compiled(state, next(feed))
     jax.block_until_ready((state, metrics))

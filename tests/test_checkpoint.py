@@ -125,7 +125,7 @@ def test_when_every_checkpoint_is_corrupt_training_does_not_silently_start_over(
     trained_checkpoints(tmp_path)
     for step in (2, 4):
         corrupt_remove_manifest(tmp_path / "ckpt" / str(step))
-    with pytest.raises(ckpt.CheckpointError, match=r"--checkpoint\.restore=none"):
+    with pytest.raises(ckpt.CheckpointError, match="Start fresh in a new --out"):
         restore_into_fresh(tmp_path)
 
 
@@ -265,3 +265,28 @@ def test_restore_onto_another_mesh_lays_every_array_out_for_it(tmp_path):
             assert value.sharding.is_equivalent_to(wanted[key], value.ndim), key
         assert_same_state(run.state, source.state)
         assert nnx.to_flat_state(run.state.params)  # a real parameter tree came back
+
+
+def test_only_the_newest_verified_checkpoints_are_kept(tmp_path):
+    """keep=1 with async saves: each old checkpoint goes only once its successor has a manifest."""
+    run = train.build(config(), devices=jax.devices()[:1])
+    saver = ckpt.Checkpointer(tmp_path / "ckpt", CheckpointConfig(keep=1), log=lambda _: None)
+    for step in range(4):
+        run.state, _ = run.train_step(run.state, train.batch_at(run, run.train_samples, step))
+        assert saver.save(run.state, train.checkpoint_meta(run))
+    saver.close()
+    assert saver.steps() == [4]
+    assert ckpt.verify(tmp_path / "ckpt" / "4") is None
+
+
+def test_a_refused_restore_leaves_no_run_directory(tmp_path):
+    with pytest.raises(ConfigError, match="no finalized checkpoint of step 7"):
+        train.train(config(mesh=MeshConfig(), restore="7"), tmp_path / "run", progress=False, log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_without_checkpoints_is_not_resumed(tmp_path):
+    cfg = config(steps=2, mesh=MeshConfig(), enabled=False)
+    train.train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train.train(config(steps=2, mesh=MeshConfig()), tmp_path / "run", progress=False, log=lambda _: None)
