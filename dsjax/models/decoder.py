@@ -149,7 +149,7 @@ def head_cross_entropy(
 
 
 def _logits(x, w, spec, out_dtype, sharding):
-    logits = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+    logits = head_matmul(x, w, spec, out_dtype)  # its forward only: the fused backward is hand-written
     return logits if sharding is None else jax.lax.with_sharding_constraint(logits, sharding)
 
 
