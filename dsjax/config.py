@@ -250,12 +250,19 @@ class CheckpointConfig:
     restore: str = doc("auto", "'auto' (latest good checkpoint in dir, if any), 'none', a step number or a path")
     fallback: bool = doc(True, "if the chosen checkpoint is corrupt, warn and use the previous good one")
     enabled: bool = doc(True, "save and restore checkpoints at all (needs a run directory)")
+    rollback_on_nonfinite: bool = doc(
+        False,
+        "on a non-finite loss (or precision.max_consecutive_skips skipped steps in a row), restore the last "
+        "good checkpoint before it and go on without the offending batch(es)",
+    )
+    max_rollbacks: int = doc(3, "rollbacks allowed in one run before it stops with an error")
 
     def __post_init__(self):
         _require(self.every >= 0, f"checkpoint.every must be >= 0 steps, got {self.every}.")
         _require(self.every_minutes >= 0, f"checkpoint.every_minutes must be >= 0 minutes, got {self.every_minutes}.")
         _require(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}.")
         _require(bool(self.restore), "checkpoint.restore must be 'auto', 'none', a step number or a path; got ''.")
+        _require(self.max_rollbacks >= 0, f"checkpoint.max_rollbacks must be >= 0, got {self.max_rollbacks}.")
 
 
 SECTIONS: dict[str, type] = {
@@ -378,7 +385,7 @@ def llama_1b() -> Config:
             tie_embeddings=True,
             scan_layers=False,
         ),
-        train=TrainConfig(steps=5000, batch_size=8, seq_len=2048, lr=3e-4, warmup_steps=500, eval_every=500),
+        train=TrainConfig(steps=5000, batch_size=12, seq_len=2048, lr=3e-4, warmup_steps=500, eval_every=500),
         data=DataConfig(source="synthetic"),
         **gpu_defaults(),
     )

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
+import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -37,7 +39,7 @@ from dsjax.optim import make_optimizer, schedule
 from dsjax.precision import loss_scale_from_config, parse_policy
 from dsjax.remat import check_platform
 from dsjax.sharding import describe, logical_axes, resolve
-from dsjax.state import TrainState, abstract_train_state, create_train_state
+from dsjax.state import TrainState, abstract_train_state, create_train_state, init_fn
 from dsjax.step import batch_sharding, make_eval_step, make_next_token, make_train_step
 
 VALUE_FLAGS = ("preset", "out", "cpu-devices")
@@ -177,17 +179,24 @@ def _platform(run: Run) -> str:
     return run.mesh.devices.flat[0].platform
 
 
-def batches(run: Run, samples, start: int, stop: int, depth: int = 2) -> Iterator[jax.Array]:
-    """Global batches start, ..., stop - 1 of `samples`, each handed out with the next `depth` already
-    built and on their way to the devices (transfers are asynchronous), so the device never waits for
-    the host's data between steps."""
-    ahead: collections.deque[jax.Array] = collections.deque()
-    index = start
-    while index < stop or ahead:
-        while index < stop and len(ahead) <= depth:
-            ahead.append(batch_at(run, samples, index))
-            index += 1
+def indexed_batches(run: Run, samples, indices: Iterable[int], depth: int = 2) -> Iterator[tuple[int, jax.Array]]:
+    """(index, global batch `index` of `samples`) for each of `indices`, each handed out with the next
+    `depth` already built and on their way to the devices (transfers are asynchronous), so the device
+    never waits for the host's data between steps."""
+    ahead: collections.deque[tuple[int, jax.Array]] = collections.deque()
+    todo = iter(indices)
+    while True:
+        while len(ahead) <= depth and (index := next(todo, None)) is not None:
+            ahead.append((index, batch_at(run, samples, index)))
+        if not ahead:
+            return
         yield ahead.popleft()
+
+
+def batches(run: Run, samples, start: int, stop: int, depth: int = 2) -> Iterator[jax.Array]:
+    """Global batches start, ..., stop - 1 of `samples`, prefetched as `indexed_batches` does."""
+    for _, batch in indexed_batches(run, samples, range(start, stop), depth):
+        yield batch
 
 
 def evaluate(run: Run) -> float:
@@ -240,6 +249,14 @@ def prepare(run: Run, log: Callable[[str], None] = print):
     return compiled
 
 
+class _NonFinite(Exception):
+    """Raised inside `fit` when a step's loss was not finite or too many steps in a row were skipped."""
+
+    def __init__(self, steps: list[int], reason: str):
+        super().__init__(reason)
+        self.steps, self.reason = steps, reason  # 0-based steps whose batches are to blame
+
+
 def fit(
     run: Run,
     out: Path | None = None,
@@ -251,17 +268,26 @@ def fit(
 ) -> list[dict]:
     """Train `run.state` for train.steps; returns the logged records (also appended to out/metrics.jsonl).
 
-    `compiled` is the step `prepare` returned (prepared here when not given). Batches come from `batches`
-    (built and transferred ahead of the step that uses them), and each step's metrics are read only once
-    `METRICS_LAG` later steps have been dispatched, so the device always has queued work and the host
-    never waits on a step it just launched (one step on CPU, where many un-synced multi-device steps can
-    trip an all-reduce rendezvous timeout; BENCHMARKS.md).
+    `compiled` is the step `prepare` returned (prepared here when not given). Batches come from
+    `indexed_batches` (built and transferred ahead of the step that uses them), and each step's metrics
+    are read only once `METRICS_LAG` later steps have been dispatched, so the device always has queued
+    work and the host never waits on a step it just launched (one step on CPU, where many un-synced
+    multi-device steps can trip an all-reduce rendezvous timeout; BENCHMARKS.md).
 
     With a `checkpointer`, the state is saved on its schedule and after the last step; with a
     `preemption` (which needs a checkpointer) whose signal arrived, it is saved at the next step boundary
-    and Preempted is raised.
+    and Preempted is raised. With checkpoint.rollback_on_nonfinite, a step whose loss is not finite (or
+    precision.max_consecutive_skips skipped steps in a row) restores the newest good checkpoint taken
+    before it, and training goes on from there without the offending batch(es); each rollback is a
+    record {"step", "rollback_to", "skipped_batches", "reason"}.
     """
-    t = run.config.train
+    t, c = run.config.train, run.config.checkpoint
+    rollback = c.rollback_on_nonfinite
+    if rollback and checkpointer is None:
+        raise ConfigError(
+            "checkpoint.rollback_on_nonfinite needs checkpoints to roll back to: give the run a directory "
+            "(--out or --checkpoint.dir) and keep checkpoint.enabled=true."
+        )
     sink = MetricsLog(out / "metrics.jsonl") if out is not None else None
     history: list[dict] = []
 
@@ -274,28 +300,44 @@ def fit(
     step0 = int(jax.device_get(run.state.step))
     record({"step": step0, "eval_loss": evaluate(run)})
     bar = tqdm(total=t.steps, initial=step0, disable=not progress, unit="step", dynamic_ncols=True)
-    window_start, window_steps = time.perf_counter(), 0
-    pending: collections.deque = collections.deque()
+    # A throughput window runs from one log step to the next on the device's clock: at each log step the
+    # host waits for every step dispatched so far (one short pipeline drain per window), so a window
+    # counts exactly the steps the device ran in it, however far ahead of the device the host was.
+    window_start, window_first = time.perf_counter(), step0
+    latest: list = [step0 - 1, None]  # (step, metrics) of the newest dispatched step
     lag = 1 if _platform(run) == "cpu" else METRICS_LAG
-
     max_skips = run.config.precision.max_consecutive_skips
+    skip: set[int] = set()  # global batch indices left out after rollbacks
+    rollbacks = 0
 
     def report(step: int, metrics) -> None:
-        nonlocal window_start, window_steps
+        nonlocal window_start, window_first
         values = {k: v.item() for k, v in jax.device_get(metrics).items()}
-        window_steps += 1
-        if values["consecutive_skips"] >= max_skips:
+        streak = values["consecutive_skips"]
+        if rollback and not math.isfinite(values["loss"]):
+            raise _NonFinite([step], f"the loss of step {step + 1} is {values['loss']}")
+        if streak >= max_skips:
+            if rollback:
+                raise _NonFinite(
+                    list(range(step + 1 - streak, step + 1)),
+                    f"{streak} non-finite steps in a row up to step {step + 1}",
+                )
             record({"step": step + 1, **values})
             raise TrainingError(
-                f"{values['consecutive_skips']} non-finite steps in a row, up to step {step + 1} "
+                f"{streak} non-finite steps in a row, up to step {step + 1} "
                 f"(precision.max_consecutive_skips = {max_skips}); the last finite step was "
-                f"{step + 1 - values['consecutive_skips']}. No step with non-finite gradients was applied. "
-                "Lower train.lr, raise train.warmup_steps, or use --precision.policy=bf16 if fp16 overflows in "
-                "the forward pass."
+                f"{step + 1 - streak}. No step with non-finite gradients was applied. "
+                "Lower train.lr, raise train.warmup_steps, use --precision.policy=bf16 if fp16 overflows in "
+                "the forward pass, or roll back past such steps with --checkpoint.rollback_on_nonfinite=true."
             )
         if (step + 1) % t.log_every and step + 1 != t.steps:
             return
-        elapsed = time.perf_counter() - window_start
+        jax.block_until_ready(latest[1])
+        now = time.perf_counter()
+        elapsed, window_steps = now - window_start, latest[0] + 1 - window_first
+        if window_steps == 0:  # log steps closer together than METRICS_LAG: the last window counted these
+            record({"step": step + 1, **values})
+            return
         tokens_per_sec = run.tokens_per_step * window_steps / elapsed
         mfu = [None if run.peak_flops is None else tokens_per_sec * f / run.peak_flops for f in run.flops_per_token]
         entry = {
@@ -311,20 +353,25 @@ def fit(
             f"loss {values['loss']:.3f}  tok/s {tokens_per_sec:,.0f}  "
             + ("MFU n/a" if mfu[0] is None else f"MFU {100 * mfu[0]:.1f}%")
         )
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_first = now, latest[0] + 1
 
-    try:
-        offset = run.batch_offset
-        feed = batches(run, run.train_samples, step0 + offset, t.steps + offset)
-        for step, batch in zip(range(step0, t.steps), feed, strict=True):
+    def train_from(first: int) -> None:
+        """Steps first, ..., train.steps - 1, reporting each; raises _NonFinite (with rollback on)."""
+        nonlocal window_start, window_first
+        pending: collections.deque = collections.deque()
+        indices = (i for i in itertools.count(first + run.batch_offset) if i not in skip)
+        feed = indexed_batches(run, run.train_samples, itertools.islice(indices, t.steps - first))
+        for step, (index, batch) in zip(range(first, t.steps), feed, strict=True):
             run.state, metrics = compiled(run.state, batch)
-            pending.append((step, metrics))
+            run.batch_offset = index - step  # the data position the next checkpoint records
+            latest[:] = step, metrics
+            pending.append((step, index, metrics))
             while len(pending) > lag:
-                report(*pending.popleft())
+                report_pending(pending)
             bar.update(1)
             if preemption is not None and checkpointer is not None and preemption.agreed():
                 while pending:
-                    report(*pending.popleft())
+                    report_pending(pending)
                 if checkpointer.save(run.state, checkpoint_meta(run)):
                     where = f"saved checkpoint {checkpointer.dir / str(step + 1)}"
                 else:
@@ -335,11 +382,50 @@ def fit(
                 checkpointer.save(run.state, checkpoint_meta(run))
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 != t.steps:
                 while pending:
-                    report(*pending.popleft())
+                    report_pending(pending)
                 record({"step": step + 1, "eval_loss": evaluate(run)})
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_first = time.perf_counter(), step + 1
         while pending:
-            report(*pending.popleft())
+            report_pending(pending)
+
+    recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=max_skips + 1)  # (step, batch index)
+
+    def report_pending(pending: collections.deque) -> None:
+        step, index, metrics = pending.popleft()
+        recent.append((step, index))
+        report(step, metrics)
+
+    if checkpointer is not None:
+        checkpointer.warm_up(run.state)
+    try:
+        first = step0
+        while True:
+            try:
+                train_from(first)
+                break
+            except _NonFinite as bad:
+                rollbacks += 1
+                if rollbacks > c.max_rollbacks:
+                    raise TrainingError(
+                        f"{bad.reason}, and this run has already rolled back checkpoint.max_rollbacks = "
+                        f"{c.max_rollbacks} times; it is diverging, not hitting a bad batch. Lower train.lr, "
+                        "raise train.warmup_steps or check the data."
+                    ) from None
+                blamed = sorted(index for step, index in recent if step in bad.steps)
+                first = _roll_back(run, checkpointer, bad.steps[0], log)
+                skip.update(blamed)
+                log(
+                    f"warning: {bad.reason}: rolled back to the checkpoint of step {first} and will leave out "
+                    f"global batch(es) {blamed} (rollback {rollbacks} of at most {c.max_rollbacks})."
+                )
+                record(
+                    {"step": bad.steps[-1] + 1, "rollback_to": first, "skipped_batches": blamed, "reason": bad.reason}
+                )
+                recent.clear()
+                bar.n = first
+                bar.refresh()
+                window_start, window_first = time.perf_counter(), first
+                latest[:] = first - 1, None
         if checkpointer is not None:
             checkpointer.save(run.state, checkpoint_meta(run))
             checkpointer.wait()
@@ -353,6 +439,23 @@ def fit(
         f"at step {t.steps} (nats/token)"
     )
     return history
+
+
+def _roll_back(run: Run, checkpointer: ckpt.Checkpointer, bad_step: int, log: Callable[[str], None]) -> int:
+    """Replace run.state by the newest good checkpoint taken before step `bad_step` (0-based) ran; returns
+    its step. The current state's buffers are freed first, so the restore needs no second copy."""
+    checkpointer.wait()  # saves still in flight finish first (any taken after bad_step are set aside)
+    target = abstract_state(run)
+    jax.tree.map(lambda x: x.delete() if isinstance(x, jax.Array) else None, run.state)
+    restored = checkpointer.restore_latest(target, at_most=bad_step)
+    if restored is None:
+        raise TrainingError(
+            f"step {bad_step + 1} was not finite and checkpoint.rollback_on_nonfinite is on, but "
+            f"{checkpointer.dir} holds no good checkpoint from before it (checkpoint.every = "
+            f"{run.config.checkpoint.every}); nothing to roll back to."
+        )
+    use_restored(run, restored, log)
+    return int(jax.device_get(run.state.step))
 
 
 def checkpoint_meta(run: Run) -> dict:
@@ -369,12 +472,33 @@ def checkpoint_meta(run: Run) -> dict:
     }
 
 
+def abstract_state(run: Run) -> TrainState:
+    """run.state as shapes, dtypes and shardings only: the target a checkpoint is read into."""
+    return jax.tree.map(
+        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), run.state, run.shardings
+    )
+
+
+def materialize(run: Run) -> None:
+    """Give a run built with abstract=True its initialised state (each device creates only its shard)."""
+    if isinstance(run.state.step, jax.ShapeDtypeStruct):
+        config = run.config
+        init = init_fn(config, make_optimizer(config.train), loss_scale_from_config(config.precision))
+        run.state = jax.jit(init, out_shardings=run.shardings)()
+
+
 def restore(run: Run, checkpointer: ckpt.Checkpointer, log: Callable[[str], None] = print) -> ckpt.Restored | None:
     """Replace run.state by the checkpoint that checkpoint.restore names (laid out for this run's mesh) and
-    set the data position; None, leaving the run as built, when there is nothing to restore."""
-    restored = checkpointer.restore(run.state)
-    if restored is None:
-        return None
+    set the data position; None, leaving the run as built, when there is nothing to restore. The run may
+    be built with abstract=True: the checkpoint is then read without ever initialising a state."""
+    restored = checkpointer.restore(abstract_state(run))
+    if restored is not None:
+        use_restored(run, restored, log)
+    return restored
+
+
+def use_restored(run: Run, restored: ckpt.Restored, log: Callable[[str], None]) -> None:
+    """Make a restored checkpoint the run's state and data position."""
     step, samples = int(jax.device_get(restored.state.step)), restored.meta["samples"]
     batch = run.config.train.batch_size
     if samples % batch:
@@ -389,7 +513,6 @@ def restore(run: Run, checkpointer: ckpt.Checkpointer, log: Callable[[str], None
         f"restored {restored.path} (step {step}, {samples} samples, saved on mesh {restored.meta['mesh']} over "
         f"{restored.meta['devices']} device(s))"
     )
-    return restored
 
 
 def sample(run: Run, prompt: str, n_tokens: int, temperature: float = 0.8, seed: int = 0) -> str | None:
@@ -426,15 +549,24 @@ def train(
         out_dir = _check_out(out, resumable=c.enabled and c.restore != "none" and _holds_checkpoints(own))
     else:
         out_dir = None
-    run = build(config)
-    log(f"data: {run.corpus.description if run.corpus else 'synthetic tokens'}")
     directory = None
     if c.enabled and (c.dir or out_dir is not None):
         directory = Path(c.dir) if c.dir else out_dir / "checkpoints"
+    if c.rollback_on_nonfinite and directory is None:
+        raise ConfigError(
+            "--checkpoint.rollback_on_nonfinite=true needs checkpoints to roll back to: give the run a "
+            "directory (--out or --checkpoint.dir) and keep checkpoint.enabled=true."
+        )
+    will_restore = directory is not None and (directory.exists() or c.restore not in ("auto", "none"))
+    # A run that restores is built abstract and read straight from the checkpoint: no second copy of the
+    # state is ever initialised.
+    run = build(config, abstract=will_restore)
+    log(f"data: {run.corpus.description if run.corpus else 'synthetic tokens'}")
     checkpointer, restored = None, None
-    if directory is not None and (directory.exists() or c.restore not in ("auto", "none")):
+    if will_restore:
         checkpointer = ckpt.Checkpointer(directory, c, log)
         restored = restore(run, checkpointer, log)
+        materialize(run)  # nothing was restored: start from the initialisation
     compiled = prepare(run, log)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -522,6 +654,7 @@ def _main(argv: Sequence[str]) -> int:
     message = xla_flags.apply()  # before anything initialises JAX's backends
     if message:
         print(message)
+    xla_flags.default_memory_fraction()
     if options["cpu_devices"] is not None:
         simulate_cpu_devices(options["cpu_devices"])
     if options["dry_run"]:

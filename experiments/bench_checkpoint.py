@@ -13,6 +13,7 @@ Measured, in one process on the same compiled step (dsjax.train.build / prepare,
   off the devices for async saves; the whole write with --sync), median over the saves;
 - save_total_s: from the last save() call (at the last step when --every divides --steps) until the
   checkpoint was finalized and its manifest written;
+- verify_s: checking the newest checkpoint against its manifest (the SHA-256 of every file), alone;
 - restore_s and restore_gb_per_s: reading the newest checkpoint back onto the run's mesh (manifest check
   included), and the checkpoint's bytes over that time. The files were just written, so this is a warm
   read from the page cache, faster than a cold restart.
@@ -21,7 +22,9 @@ Measured, in one process on the same compiled step (dsjax.train.build / prepare,
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import shutil
 import statistics
 import sys
@@ -46,12 +49,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dir", default="/tmp/dsjax-bench-ckpt")
     parser.add_argument("--sync", action="store_true", help="blocking saves instead of async ones")
+    parser.add_argument("--no-warm-up", action="store_true", help="skip Checkpointer.warm_up (the before case)")
+    parser.add_argument("--profile-first-save", action="store_true", help="cProfile of the first save, to stderr")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    from dsjax import xla_flags
+
+    xla_flags.apply()
+    xla_flags.default_memory_fraction()  # as python -m dsjax.train does
     overrides = dict(s.split("=", 1) for s in args.set)
     if args.batch:
         overrides["train.batch_size"] = str(args.batch)
@@ -74,6 +83,8 @@ def main() -> None:
     directory = Path(args.dir)
     shutil.rmtree(directory, ignore_errors=True)
     saver = ckpt.Checkpointer(directory, config.checkpoint, log=lambda text: print(text, file=sys.stderr))
+    if not args.no_warm_up:
+        saver.warm_up(run.state)  # as dsjax.train.fit does before its first step
     blocking, totals = [], []
     start = time.perf_counter()
     for i in range(args.steps):
@@ -81,7 +92,12 @@ def main() -> None:
         if (i + 1) % args.every == 0:
             jax.block_until_ready(run.state)  # save() waits for the step anyway; time the save alone
             t0 = time.perf_counter()
-            saver.save(run.state, checkpoint_meta(run))
+            if args.profile_first_save and not blocking:
+                profile = cProfile.Profile()
+                profile.runcall(saver.save, run.state, checkpoint_meta(run))
+                pstats.Stats(profile, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+            else:
+                saver.save(run.state, checkpoint_meta(run))
             blocking.append(time.perf_counter() - t0)
             totals.append(t0)
     jax.block_until_ready((run.state, metrics))
@@ -94,6 +110,10 @@ def main() -> None:
     saved_bytes = sum(p.stat().st_size for p in (directory / str(saver.last_saved)).rglob("*") if p.is_file())
     saver.manager.close()
 
+    t0 = time.perf_counter()
+    problem = ckpt.verify(directory / str(saver.last_saved))
+    verify_s = time.perf_counter() - t0
+    assert problem is None, problem
     reader = ckpt.Checkpointer(directory, config.checkpoint, log=lambda text: print(text, file=sys.stderr))
     jax.block_until_ready(run.state)
     t0 = time.perf_counter()
@@ -114,6 +134,7 @@ def main() -> None:
                 "mesh": run.degrees,
                 "batch": config.train.batch_size,
                 "async_save": not args.sync,
+                "warm_up": not args.no_warm_up,
                 "steps": args.steps,
                 "every": args.every,
                 "step_time_ms": round(1000 * plain, 2),
@@ -122,8 +143,10 @@ def main() -> None:
                 "final_flush_s": round(final_flush, 3),
                 "saves": len(blocking),
                 "save_blocking_s": round(statistics.median(blocking), 3) if blocking else None,
+                "save_blocking_each_s": [round(b, 3) for b in blocking],
                 "save_total_s": None if save_total is None else round(save_total, 3),
                 "checkpoint_gib": round(saved_bytes / memory.GIB, 3),
+                "verify_s": round(verify_s, 3),
                 "restore_s": round(restore_s, 3),
                 "restore_gb_per_s": round(saved_bytes / 1e9 / restore_s, 3),
             }

@@ -76,6 +76,9 @@ def apply_xla(choice: str) -> str:
 
 def measure(args: argparse.Namespace) -> dict:
     flags = apply_xla(args.xla)
+    from dsjax import xla_flags
+
+    xla_flags.default_memory_fraction()  # as python -m dsjax.train does
     import jax
     import jaxlib
 

@@ -80,3 +80,19 @@ def test_an_empty_entry_sets_nothing_and_says_nothing(monkeypatch):
     monkeypatch.setattr(xla_flags, "FLAGS", {xla_flags.version_key(): {}})
     environ = {}
     assert xla_flags.apply(environ) == "" and environ == {}
+
+
+def test_the_memory_fraction_default_yields_to_the_user_and_to_a_running_backend(monkeypatch):
+    from jax._src import xla_bridge
+
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    environ = {}
+    xla_flags.default_memory_fraction(environ)
+    assert environ == {"XLA_PYTHON_CLIENT_MEM_FRACTION": xla_flags.MEM_FRACTION}
+    environ = {"XLA_PYTHON_CLIENT_MEM_FRACTION": ".5"}
+    xla_flags.default_memory_fraction(environ)
+    assert environ == {"XLA_PYTHON_CLIENT_MEM_FRACTION": ".5"}
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
+    environ = {}
+    xla_flags.default_memory_fraction(environ)
+    assert environ == {}
