@@ -71,8 +71,8 @@ def apply(environ: os._Environ | dict | None = None) -> str:
 
 # Share of each GPU's memory JAX's allocator may take when the user has not chosen one. JAX's own default
 # is 0.75; 0.9 leaves about 8 GiB of an 80 GiB card to cuDNN, cuBLAS and NCCL outside the pool and lets
-# llama-1b train at batch 12 (58.6 GiB compiled step), where it measured 56.0% MFU on one H100 against
-# 55.0% at batch 8 (experiments/RESULTS.md).
+# llama-1b train at --train.batch_size=12 (58.6 GiB compiled step), where it measured 56.0% MFU on one
+# H100 against 55.0% at the preset's batch 8 (experiments/RESULTS.md).
 MEM_FRACTION = "0.9"
 
 
