@@ -59,12 +59,17 @@ def check_config(config: Config, n_devices: int) -> dict[str, int]:
             f"= {degrees['data']} x {degrees['fsdp']} = {batch_shards}: each of those devices takes an equal "
             "share of the global batch."
         )
-    check_tensor_degree(config.model, degrees["tensor"])  # again: the dataclass may only have seen -1
-    if degrees["pipeline"] > 1:
+    accum = config.train.grad_accum
+    if config.train.batch_size % (accum * batch_shards):
         raise ConfigError(
-            f"mesh.pipeline resolves to {degrees['pipeline']}: pipeline parallelism is not yet supported in "
-            "dsjax; give the devices to data, fsdp or tensor."
+            f"train.batch_size ({config.train.batch_size}) must be divisible by train.grad_accum x mesh.data x "
+            f"mesh.fsdp = {accum} x {degrees['data']} x {degrees['fsdp']} = {accum * batch_shards}: each of the "
+            f"{accum} microbatches is split evenly over the {batch_shards} batch shards."
         )
+    check_tensor_degree(config.model, degrees["tensor"])  # again: the dataclass may only have seen -1
+    from dsjax.pipeline import make_plan
+
+    make_plan(config, degrees)  # validates the layers, batch and remat groups against the stages
     return degrees
 
 

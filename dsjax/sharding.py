@@ -23,7 +23,8 @@ MESH_AXES = ("data", "pipeline", "fsdp", "tensor")
 # logical name -> mesh axes it may be split over (in order). Names missing here are replicated.
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     # parameters
-    "layers": (),  # the stacked-layer dimension; pipeline stages will split it
+    "layers": ("pipeline",),  # the stacked-layer dimension: contiguous blocks of layers per pipeline stage
+    "stage": ("pipeline",),  # the stage dimension of the pipeline's buffers and regrouped weights
     "embed": ("fsdp",),  # ZeRO-3: every weight is split over fsdp along its model dimension
     "vocab": ("tensor",),
     "heads": ("tensor",),  # Megatron: query heads (column-parallel q, row-parallel out)

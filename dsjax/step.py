@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dsjax.precision import GradientScaler, LossScale
-from dsjax.sharding import named
+from dsjax.sharding import constrain, named
 from dsjax.state import TrainState
 
 BATCH_AXES = ("act_batch", None)
@@ -24,6 +24,22 @@ BATCH_AXES = ("act_batch", None)
 def batch_sharding(mesh: jax.sharding.Mesh, batch_size: int, seq_len: int) -> NamedSharding:
     """Sharding of a (B, T+1) token batch: rows split over data x fsdp."""
     return named(BATCH_AXES, (batch_size, seq_len + 1), mesh)
+
+
+def microbatches(batch: jax.Array, count: int, mesh: jax.sharding.Mesh | None, logical=BATCH_AXES) -> jax.Array:
+    """A (B, ...) batch as `count` microbatches (count, B / count, ...): microbatch k holds rows k,
+    k + count, k + 2 count, ... so that every device's contiguous share of the rows splits evenly into
+    all microbatches and no row moves between devices. `logical` names the batch's own axes."""
+    rows = batch.shape[0]
+    split = batch.reshape(rows // count, count, *batch.shape[1:]).swapaxes(0, 1)
+    return constrain(split, (None, *logical), mesh)
+
+
+def merge_microbatches(split: jax.Array, mesh: jax.sharding.Mesh | None, logical=BATCH_AXES) -> jax.Array:
+    """The inverse of `microbatches`: (count, B / count, ...) -> (B, ...) in the original row order."""
+    count, rows = split.shape[:2]
+    merged = split.swapaxes(0, 1).reshape(count * rows, *split.shape[2:])
+    return constrain(merged, logical, mesh)
 
 
 def next_token_loss(logits: jax.Array, batch: jax.Array) -> jax.Array:
@@ -80,8 +96,14 @@ def make_train_step(
     loss_scale: LossScale,
     objective: Callable | None = None,
     chunk: int = 0,
+    accum: int = 1,
 ) -> Callable:
     """jit(train_step): (state, batch) -> (state, metrics), metrics as device scalars.
+
+    With accum > 1 the batch is split into `accum` microbatches (`microbatches`) whose gradients are
+    summed in fp32 in a loop and averaged before the one optimizer update: the same update as the whole
+    batch at once (the loss is a mean over equal-sized microbatches), with the activations of one
+    microbatch alive at a time.
 
     The step is the seed's GradientScaler sequence: scale the loss, differentiate, unscale, apply the
     update only if every gradient is finite, update the scale. The gradients it tests are the global
@@ -91,11 +113,24 @@ def make_train_step(
     scaler = GradientScaler(loss_scale)
 
     def train_step(state: TrainState, batch: jax.Array):
-        def scaled(params):
+        def scaled(params, batch):
             loss = loss_fn(graphdef, params, batch, mesh, objective, chunk)
             return scaler.scale(loss, state.loss_scale), loss
 
-        (_, loss), grads = jax.value_and_grad(scaled, has_aux=True)(state.params)
+        if accum == 1:
+            (_, loss), grads = jax.value_and_grad(scaled, has_aux=True)(state.params, batch)
+        else:
+
+            def add(carry, micro):
+                (_, loss), grads = jax.value_and_grad(scaled, has_aux=True)(state.params, micro)
+                total, summed = carry
+                return (total + loss, jax.tree.map(lambda s, g: s + g.astype(jnp.float32), summed, grads)), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            init = (jnp.zeros((), jnp.float32), zeros)
+            (total, summed), _ = jax.lax.scan(add, init, microbatches(batch, accum, mesh))
+            loss = total / accum
+            grads = jax.tree.map(lambda s, p: (s / accum).astype(p.dtype), summed, state.params)
         grads = scaler.unscale(grads, state.loss_scale)
         grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))  # fp32 even for bf16
         params, opt_state, finite = scaler.step(tx, grads, state.opt_state, state.params, grad_norm)

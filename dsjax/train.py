@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from dsjax import checkpoint as ckpt
 from dsjax import data as data_lib
-from dsjax import memory, xla_flags
+from dsjax import memory, pipeline, xla_flags
 from dsjax.config import Config, ConfigError, apply_overrides, help_text, preset, split_known
 from dsjax.mesh import check_config, make_mesh, simulate_cpu_devices
 from dsjax.metrics import MetricsLog, flops_per_token, peak_flops
@@ -137,7 +137,15 @@ def build(config: Config, devices: Sequence[jax.Device] | None = None, abstract:
         state=state,
         shardings=shardings,
         train_step=make_train_step(
-            graphdef, tx, schedule(config.train), mesh, shardings, bs, loss_scale, chunk=config.train.loss_chunk
+            graphdef,
+            tx,
+            schedule(config.train),
+            mesh,
+            shardings,
+            bs,
+            loss_scale,
+            chunk=config.train.loss_chunk,
+            accum=config.train.grad_accum,
         ),
         eval_step=make_eval_step(graphdef, mesh, shardings, bs, config.train.loss_chunk),
         batch_sharding=bs,
@@ -213,8 +221,10 @@ def compile_report(run: Run, compiled, shardings: bool = False) -> str:
     state, mem, cfg = run.state, compiled.memory_analysis(), run.config
     palm, causal = run.flops_per_token
     remat = cfg.remat.policy + (f" every {cfg.remat.every} layers" if cfg.remat.policy != "none" else "")
+    plan = pipeline.make_plan(cfg, run.degrees)
     lines = [
         f"mesh: {run.degrees} over {run.mesh.devices.size} {run.mesh.devices.flat[0].platform} device(s)",
+        *([] if plan is None else [plan.describe(cfg.model.n_layers)]),
         f"parameters: {run.n_params:,} ({run.n_matmul_params:,} in matmuls)",
         f"FLOPs/token: {palm:.4g} (PaLM count), {causal:.4g} (causal attention)",
         f"precision: {cfg.precision.policy} ({parse_policy(cfg.precision.policy)}), loss scale "

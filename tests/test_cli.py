@@ -140,7 +140,8 @@ def test_help_with_unknown_preset_is_an_error(capsys):
         (["positional"], ["unexpected argument 'positional'"]),
         (["--model.n_kv_heads=3"], ["model.n_heads (4)", "model.n_kv_heads (3)"]),
         (["--train.seq_len=512"], ["train.seq_len (512)", "model.max_seq_len (256)"]),
-        (["--mesh.pipeline=2", "--mesh.fsdp=4"], ["mesh.pipeline=2", "not yet supported"]),
+        (["--mesh.pipeline=8", "--mesh.fsdp=1"], ["model.n_layers (4)", "mesh.pipeline x pipeline.repeats = 8 x 1"]),
+        (["--mesh.pipeline=2", "--pipeline.schedule=1f1b"], ["pipeline.schedule='1f1b'", "not implemented"]),
         (["--mesh.data=-1"], ["mesh.data, mesh.fsdp"]),
         (["--mesh.data=3", "--mesh.fsdp=1"], ["mesh.data=3", "multiply to 3", "8 devices"]),
         (["--mesh.data=3", "--mesh.fsdp=-1"], ["mesh.fsdp=-1", "multiply to 3", "8 devices"]),
@@ -324,3 +325,13 @@ def test_short_training_run(capsys, tmp_path):
     assert "mesh: {'data': 1, 'pipeline': 1, 'fsdp': 8, 'tensor': 1} over 8 cpu device(s)" in out
     assert "eval loss: " in out
     assert not (tmp_path / "runs").exists()  # --out was honoured
+
+
+def test_dry_run_reports_the_pipeline_schedule(capsys):
+    argv = ["--dry-run", "--mesh.pipeline=2", "--mesh.fsdp=4", "--pipeline.schedule=circular"]
+    code, out, err = run_main(capsys, *argv, "--pipeline.repeats=2", "--pipeline.microbatches=4")
+    assert code == 0, err
+    # tiny: 4 layers; stage 0 runs chunks 0 and 2, stage 1 chunks 1 and 3; bubble (P-1)/(R*M+P-1) = 1/9
+    assert "pipeline: circular, 2 stages x 2 chunk(s), 4 microbatches, 9 ticks, bubble 11.1% " in out
+    assert "(stage 0: layers 0, 2; stage 1: layers 1, 3)" in out
+    assert "per-device memory:" in out and "step total" in out

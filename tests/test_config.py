@@ -186,10 +186,10 @@ def test_seq_len_within_max_seq_len():
     assert Config(train=TrainConfig(seq_len=256)).train.seq_len == 256
 
 
-def test_pipeline_not_supported():
-    raises(lambda: Config(mesh=MeshConfig(pipeline=2, fsdp=-1)), "mesh.pipeline=2", "not yet supported")
-    cfg = Config(mesh=MeshConfig(pipeline=-1, fsdp=1))
-    raises(lambda: check_config(cfg, 8), "mesh.pipeline resolves to 8", "not yet supported")
+def test_pipeline_degree_is_checked_against_the_layers():
+    cfg = Config(mesh=MeshConfig(pipeline=-1, fsdp=1))  # tiny: 4 layers
+    raises(lambda: check_config(cfg, 8), "model.n_layers (4)", "mesh.pipeline x pipeline.repeats = 8 x 1")
+    assert check_config(cfg, 4)["pipeline"] == 4
     assert check_config(cfg, 1)["pipeline"] == 1
 
 

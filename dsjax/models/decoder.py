@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsjax.config import ModelConfig
+from dsjax import pipeline
+from dsjax.config import ModelConfig, PipelineConfig
 from dsjax.models import gpt2, llama
 from dsjax.models.layers import Group, ParamSpec, attention_impl, make_param
 from dsjax.precision import POLICIES, Policy, compute_dtype
 from dsjax.remat import scan_layers
-from dsjax.sharding import constrain, named
+from dsjax.sharding import constrain, logical_axes, named
 
 FAMILIES = {"llama": llama, "gpt2": gpt2}
 
@@ -39,8 +40,10 @@ class Decoder(nnx.Module):
         policy: Policy = POLICIES["fp32"],
         remat_policy: str = "none",
         remat_every: int = 1,
+        pipeline: PipelineConfig | None = None,
     ):
         self.cfg, self.policy, self.remat_policy, self.remat_every = cfg, policy, remat_policy, remat_every
+        self.pipeline = pipeline or PipelineConfig()
         family = FAMILIES[cfg.family]
         D, V, dtype = cfg.d_model, cfg.vocab_size, policy.param
         self.embed = make_param(ParamSpec((V, D), ("vocab", "embed")), cfg, rngs.params(), dtype=dtype)
@@ -77,8 +80,30 @@ class Decoder(nnx.Module):
         def block(layer_params, x):
             return family.block(layer_params, x, positions, cfg, mesh)
 
-        x = scan_layers(block, x, self.blocks.arrays(), self.remat_policy, self.remat_every, unroll=not cfg.scan_layers)
+        def stage(layers, x):
+            return scan_layers(block, x, layers, self.remat_policy, self.remat_every, unroll=not cfg.scan_layers)
+
+        plan = self.plan(mesh, x.shape[0])
+        if plan is None:
+            x = stage(self.blocks.arrays(), x)
+        else:
+            logical = {name: logical_axes(getattr(self.blocks, name)) for name in self.blocks.names}
+            x = pipeline.run(stage, x, self.blocks.arrays(), logical, plan, mesh)
         return family.final_norm(x, self.final_norm.arrays(), cfg)
+
+    def plan(self, mesh: jax.sharding.Mesh | None, batch: int) -> pipeline.Plan | None:
+        """The pipeline plan for a batch of `batch` sequences on `mesh` (its `pipeline` axis is the stage
+        count); None without pipelining, or for a batch the microbatches cannot split (sampling one
+        sequence), which then runs the layers in order, their weights gathered from the stages."""
+        stages = 1 if mesh is None else mesh.shape.get("pipeline", 1)
+        if stages == 1:
+            return None
+        p = self.pipeline
+        micro = p.microbatches or stages
+        shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+        if batch % (micro * shards):
+            return None
+        return pipeline.Plan(stages=stages, microbatches=micro, repeats=p.repeats, schedule=p.schedule)
 
     def head(self) -> jax.Array:
         """The LM head matrix: (V, D) when tied to the embedding, else (D, V)."""

@@ -1,0 +1,215 @@
+"""Pipeline parallelism (GPipe and circular) on 8 simulated CPU devices trains exactly like one device.
+
+Tolerances (fp32): losses at the 3 points of a single-device SGD trajectory relative 1e-5, and every
+gradient tensor there within relative 1e-5 in the L2 norm; for the AdamW train step, parameters after 3 steps relative
+1e-5 with a floor of 1e-5, a thousandth of one step's update at lr 1e-2: AdamW divides each gradient by
+its own running magnitude, so an element whose gradient is rounding-sized (an embedding row of a token
+seen once) moves by a full step in a direction the summation order decides. As in test_equivalence.py,
+GPT-2's key bias, whose gradient is analytically zero, is checked to stay at the rounding-noise level instead.
+"""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from dsjax.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    PipelineConfig,
+    RematConfig,
+    TrainConfig,
+)
+from dsjax.pipeline import Plan
+from dsjax.step import loss_fn
+from dsjax.train import batch_at, build
+
+STEPS = 3
+MODELS = {
+    "llama": ModelConfig(
+        family="llama", n_layers=8, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=256, max_seq_len=32
+    ),
+    "gpt2": ModelConfig(
+        family="gpt2",
+        n_layers=8,
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=4,
+        d_ff=64,
+        vocab_size=256,
+        max_seq_len=32,
+        tie_embeddings=True,
+    ),
+}
+# name -> (mesh, schedule, microbatches, repeats)
+LAYOUTS = {
+    "gpipe_p2": (MeshConfig(pipeline=2, fsdp=1), "gpipe", 4, 1),
+    "gpipe_p4": (MeshConfig(pipeline=4, fsdp=1), "gpipe", 4, 1),
+    "gpipe_p2_data2_tensor2": (MeshConfig(data=2, pipeline=2, fsdp=1, tensor=2), "gpipe", 2, 1),
+    "gpipe_p4_fsdp2": (MeshConfig(pipeline=4, fsdp=2), "gpipe", 8, 1),
+    "circular_p2_r2": (MeshConfig(pipeline=2, fsdp=1), "circular", 4, 2),
+    "circular_p4_r2_data2": (MeshConfig(data=2, pipeline=4, fsdp=1), "circular", 4, 2),
+    "circular_p2_r4_tensor2_fsdp2": (MeshConfig(pipeline=2, fsdp=2, tensor=2), "circular", 2, 4),
+}
+
+
+def config(model: ModelConfig, mesh: MeshConfig, schedule="gpipe", microbatches=0, repeats=1, **remat) -> Config:
+    return Config(
+        model=model,
+        mesh=mesh,
+        data=DataConfig(source="default"),
+        train=TrainConfig(steps=STEPS, batch_size=16, seq_len=32, lr=1e-2, warmup_steps=2),
+        pipeline=PipelineConfig(schedule=schedule, microbatches=microbatches, repeats=repeats),
+        remat=RematConfig(**remat),
+    )
+
+
+def sgd_run(cfg: Config, devices, points=None):
+    """Losses and gradients at STEPS points of a plain SGD trajectory, with one compiled value-and-grad of
+    the model as cfg lays it out. Without `points` it follows its own trajectory and returns its points
+    (the single-device reference); with them it evaluates at the reference's points, so each comparison
+    is of one step's loss and gradients, not of drift compounded over steps."""
+    run = build(cfg, devices=devices)
+    value_and_grad = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(run.graphdef, p, b, run.mesh)))
+    update = jax.jit(lambda p, g: jax.tree.map(lambda a, b: a - 0.5 * b, p, g))
+    params, losses, grads, visited = run.state.params, [], [], []
+    for step in range(STEPS):
+        if points is not None:
+            params = jax.device_put(points[step], run.shardings.params)
+        visited.append(jax.device_get(params))
+        loss, grad = value_and_grad(params, batch_at(run, run.train_samples, step))
+        losses.append(float(loss))
+        grads.append(jax.device_get(nnx.to_pure_dict(grad)))
+        params = update(params, grad)
+    return losses, grads, visited, run
+
+
+_reference: dict[str, tuple] = {}
+
+
+def reference(family: str):
+    if family not in _reference:
+        _reference[family] = sgd_run(config(MODELS[family], MeshConfig(fsdp=1)), jax.devices()[:1])
+    return _reference[family]
+
+
+def assert_trees_close(got, want, rtol, atol, skip_noise=False):
+    flat = dict(jax.tree_util.tree_leaves_with_path(got))
+    for path, ref in jax.tree_util.tree_leaves_with_path(want):
+        name = jax.tree_util.keystr(path)
+        if skip_noise and name == "['blocks']['bk']":
+            assert np.abs(flat[path]).max() < 1e-5 and np.abs(ref).max() < 1e-5
+            continue
+        np.testing.assert_allclose(flat[path], ref, rtol=rtol, atol=atol, err_msg=name)
+
+
+def assert_gradients_close(got, want, rtol, skip_noise=False):
+    """Each gradient tensor within `rtol` of the reference in the L2 norm: ||g - g_ref|| <= rtol ||g_ref||.
+    (Element by element, a gradient entry 100x smaller than its tensor's typical entry carries the same
+    absolute rounding as the others, from sums over the batch taken in another order.)"""
+    flat = dict(jax.tree_util.tree_leaves_with_path(got))
+    for path, ref in jax.tree_util.tree_leaves_with_path(want):
+        name = jax.tree_util.keystr(path)
+        if skip_noise and name == "['blocks']['bk']":
+            assert np.abs(flat[path]).max() < 1e-5 and np.abs(ref).max() < 1e-5
+            continue
+        error = np.linalg.norm(flat[path] - ref) / np.linalg.norm(ref)
+        assert error <= rtol, f"{name}: relative L2 error {error:.3g} > {rtol}"
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_pipeline_matches_single_device(family, layout, capfd):
+    ref_losses, ref_grads, points, _ = reference(family)
+    mesh, schedule, microbatches, repeats = LAYOUTS[layout]
+    capfd.readouterr()
+    cfg = config(MODELS[family], mesh, schedule, microbatches, repeats)
+    n = int(np.prod(list(mesh.degrees().values())))
+    losses, grads, _, run = sgd_run(cfg, jax.devices()[:n], points)
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+    # the stacked layers really are split over the stages
+    assert "pipeline" in str(
+        run.state.params["blocks"]["attn_norm" if family == "llama" else "ln1_scale"].sharding.spec
+    )
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert losses[-1] < losses[0]
+    for step in range(STEPS):
+        assert_gradients_close(grads[step], ref_grads[step], rtol=1e-5, skip_noise=family == "gpt2")
+
+
+def test_the_pipelined_train_step_with_remat_and_gradient_accumulation_matches_single_device():
+    """The real train step (AdamW, clipping, loss scale counters) through the pipeline, circular with
+    remat and grad_accum, against the single-device train step: losses and parameters after 3 steps."""
+
+    def adamw_run(cfg, devices):
+        run = build(cfg, devices=devices)
+        losses = []
+        for step in range(STEPS):
+            run.state, metrics = run.train_step(run.state, batch_at(run, run.train_samples, step))
+            losses.append(float(metrics["loss"]))
+        return losses, jax.device_get(nnx.to_pure_dict(run.state.params))
+
+    ref_losses, ref_params = adamw_run(config(MODELS["llama"], MeshConfig(fsdp=1)), jax.devices()[:1])
+    cfg = config(MODELS["llama"], MeshConfig(pipeline=2, fsdp=4), "circular", 2, 2, policy="full", every=2)
+    cfg = cfg.replace(train=TrainConfig(steps=STEPS, batch_size=16, seq_len=32, lr=1e-2, warmup_steps=2, grad_accum=2))
+    losses, params = adamw_run(cfg, jax.devices())
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert losses[-1] < losses[0]
+    assert_trees_close(params, ref_params, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_stages_and_bubble():
+    gpipe = Plan(stages=4, microbatches=8, repeats=1, schedule="gpipe")
+    assert gpipe.ticks == 11 and gpipe.bubble == pytest.approx(3 / 11)
+    assert [[(r.start, r.stop) for r in chunks] for chunks in gpipe.chunks(8)] == [
+        [(0, 2)],
+        [(2, 4)],
+        [(4, 6)],
+        [(6, 8)],
+    ]
+    circular = Plan(stages=2, microbatches=4, repeats=2, schedule="circular")
+    assert circular.bubble == pytest.approx(1 / 9)  # (P-1)/(R*M+P-1)
+    assert [[(r.start, r.stop) for r in c] for c in circular.chunks(8)] == [[(0, 2), (4, 6)], [(2, 4), (6, 8)]]
+    assert "stage 1: layers 2-3, 6-7" in circular.describe(8)
+
+
+@pytest.mark.parametrize(
+    ("mesh", "pipeline", "train", "fragments"),
+    [
+        (MeshConfig(pipeline=3, fsdp=1), {}, {}, ["model.n_layers (8)", "mesh.pipeline x pipeline.repeats = 3 x 1"]),
+        (MeshConfig(pipeline=2, fsdp=1), {"microbatches": 3}, {}, ["pipeline.microbatches x mesh.data", "3 x 1 x 1"]),
+        (
+            MeshConfig(pipeline=4, fsdp=2),
+            {"schedule": "circular", "repeats": 2, "microbatches": 2},
+            {},
+            ["microbatches >= mesh.pipeline (2 < 4)"],
+        ),
+        (MeshConfig(pipeline=2, fsdp=1), {"microbatches": 16}, {"grad_accum": 2}, ["(16 / 2 = 8)", "16 x 1 x 1"]),
+    ],
+)
+def test_pipeline_config_errors_name_the_fields_and_numbers(mesh, pipeline, train, fragments):
+    cfg = config(MODELS["llama"], mesh).replace(
+        pipeline=PipelineConfig(**pipeline),
+        train=TrainConfig(steps=STEPS, batch_size=16, seq_len=32, **train),
+    )
+    n = int(np.prod([d for d in mesh.degrees().values() if d > 0]))
+    with pytest.raises(ConfigError) as err:
+        build(cfg, devices=jax.devices()[:n], abstract=True)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_remat_groups_may_not_straddle_stages():
+    cfg = config(MODELS["llama"], MeshConfig(pipeline=4, fsdp=1), policy="full", every=4)
+    with pytest.raises(ConfigError, match=r"remat.every \(4\) must divide the 2 layers of a pipeline chunk"):
+        build(cfg, devices=jax.devices()[:4], abstract=True)
+
+
+def test_1f1b_is_refused_not_relabelled():
+    with pytest.raises(ConfigError, match=r"1f1b.*not implemented"):
+        PipelineConfig(schedule="1f1b")
+    with pytest.raises(ConfigError, match=r"needs pipeline\.schedule=circular"):
+        PipelineConfig(repeats=2)
