@@ -64,9 +64,11 @@ class Plan:
         ]
 
     def describe(self, n_layers: int) -> str:
+        def span(layers: range) -> str:
+            return str(layers.start) if len(layers) == 1 else f"{layers.start}-{layers.stop - 1}"
+
         stages = "; ".join(
-            f"stage {s}: layers " + ", ".join(str(r.start) if len(r) == 1 else f"{r.start}-{r.stop - 1}" for r in chunks)
-            for s, chunks in enumerate(self.chunks(n_layers))
+            f"stage {s}: layers " + ", ".join(span(r) for r in chunks) for s, chunks in enumerate(self.chunks(n_layers))
         )
         return (
             f"pipeline: {self.schedule}, {self.stages} stages x {self.repeats} chunk(s), {self.microbatches} "
