@@ -31,6 +31,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from dsjax import sharding
 from dsjax.config import Config, ConfigError
 from dsjax.sharding import constrain
 
@@ -125,6 +126,11 @@ def run(
     """All layers of `stacked` ({name: (L, ...)}, with the logical axis names in `logical`) applied to
     x (B, T, D) by the pipeline schedule; `stage(chunk, x)` runs one chunk ({name: (c, ...)}) on one
     microbatch (mb, T, D)."""
+    with sharding.rules(act_batch=("data", "fsdp")):  # each stage holds whole microbatches
+        return _run(stage, x, stacked, logical, plan, mesh)
+
+
+def _run(stage, x, stacked, logical, plan, mesh):
     from dsjax.step import merge_microbatches, microbatches
 
     P, M, R = plan.stages, plan.microbatches, plan.repeats

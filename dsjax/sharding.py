@@ -12,6 +12,8 @@ used by another dimension of the same spec, and the product of the kept axes sti
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Sequence
 
 import jax
@@ -33,7 +35,9 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),  # Megatron: column-parallel up/gate, row-parallel down
     "norm": (),
     # activations
-    "act_batch": ("data", "fsdp"),
+    # the batch outside the pipelined layers (embedding, LM head, loss) is split over the pipeline stages
+    # too, so they do not all repeat that work; inside the pipeline (`rules(act_batch=...)`) it is not
+    "act_batch": ("data", "fsdp", "pipeline"),
     "act_seq": (),
     "act_embed": (),
     "act_heads": ("tensor",),
@@ -44,11 +48,28 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 
 Logical = Sequence[str | None]
 
+_ACTIVE: contextvars.ContextVar[dict[str, tuple[str, ...]]] = contextvars.ContextVar(
+    "dsjax_rules", default=LOGICAL_RULES
+)
+
+
+@contextlib.contextmanager
+def rules(**changes: tuple[str, ...]):
+    """Within the block, resolve (and so `constrain`) uses LOGICAL_RULES with these entries replaced; for
+    code traced in the block, e.g. the pipeline's stages, whose batch must not be split over the stages."""
+    token = _ACTIVE.set({**_ACTIVE.get(), **changes})
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
 
 def resolve(
-    logical: Logical, shape: Sequence[int], mesh: jax.sharding.Mesh, rules: dict[str, tuple[str, ...]] = LOGICAL_RULES
+    logical: Logical, shape: Sequence[int], mesh: jax.sharding.Mesh, rules: dict[str, tuple[str, ...]] | None = None
 ) -> PartitionSpec:
-    """PartitionSpec for an array of `shape` whose dimensions carry the `logical` names."""
+    """PartitionSpec for an array of `shape` whose dimensions carry the `logical` names (under the rules
+    in force: LOGICAL_RULES, or as `rules(...)` changed them)."""
+    rules = _ACTIVE.get() if rules is None else rules
     if len(logical) != len(shape):
         raise ValueError(f"logical axes {tuple(logical)} do not match shape {tuple(shape)}")
     used: set[str] = set()
