@@ -246,7 +246,7 @@ PIPELINE_SCHEDULES = ("gpipe", "circular", "1f1b")
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
-    schedule: str = doc("gpipe", "with mesh.pipeline > 1: gpipe or circular (1f1b is not implemented yet)")
+    schedule: str = doc("gpipe", "with mesh.pipeline > 1: gpipe, circular or 1f1b (memory bounded by the stages)")
     microbatches: int = doc(0, "microbatches the global batch is split into (0: one per stage)")
     repeats: int = doc(1, "circular: layer chunks per stage (the bubble shrinks to (P-1)/(R*M+P-1))")
 
@@ -254,12 +254,6 @@ class PipelineConfig:
         _require(
             self.schedule in PIPELINE_SCHEDULES,
             f"pipeline.schedule must be one of {PIPELINE_SCHEDULES}, got {self.schedule!r}.",
-        )
-        _require(
-            self.schedule != "1f1b",
-            "pipeline.schedule='1f1b' is not implemented in dsjax yet (no one-forward-one-backward "
-            "schedule is shipped under that name); use gpipe, or circular with --pipeline.repeats to shrink "
-            "the bubble.",
         )
         _require(
             self.microbatches >= 0, f"pipeline.microbatches must be >= 0 (0: one per stage), got {self.microbatches}."

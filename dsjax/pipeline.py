@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from dsjax import sharding
 from dsjax.config import Config, ConfigError
+from dsjax.precision import compute_dtype
 from dsjax.sharding import constrain
 
 STAGE_ACT = ("stage", "act_batch", "act_seq", "act_embed")
@@ -49,12 +50,16 @@ class Plan:
 
     @property
     def ticks(self) -> int:
+        if self.schedule == "1f1b":  # each tick runs one forward and one backward pass per stage
+            return self.microbatches + 2 * self.stages - 1
         return self.repeats * self.microbatches + self.stages - 1
 
     @property
     def bubble(self) -> float:
-        """The fraction of stage-ticks that do no useful work: (P - 1) / (R M + P - 1)."""
-        return (self.stages - 1) / self.ticks
+        """The fraction of stage-ticks that do no useful work: (P - 1) / (R M + P - 1) for GPipe and
+        circular (whose loop runs forward ticks, then autodiff's backward ticks), (2P - 1) / (M + 2P - 1)
+        for 1F1B (whose ticks each hold a forward and a backward pass)."""
+        return (self.ticks - self.repeats * self.microbatches) / self.ticks
 
     def chunks(self, n_layers: int) -> list[list[range]]:
         """For each stage, the layer ranges it runs, in the order it runs them."""
@@ -106,6 +111,11 @@ def make_plan(config: Config, degrees: dict[str, int]) -> Plan | None:
             f"train.batch_size / train.grad_accum ({t.batch_size} / {t.grad_accum} = {micro}) must be divisible "
             f"by pipeline.microbatches x mesh.data x mesh.fsdp = {M} x {degrees['data']} x {degrees['fsdp']} "
             f"= {M * shards}: each microbatch is split evenly over the batch shards."
+        )
+    if p.schedule == "1f1b" and t.loss_chunk:
+        raise ConfigError(
+            f"train.loss_chunk ({t.loss_chunk}) does not apply to pipeline.schedule=1f1b, whose loss already runs "
+            "one microbatch at a time; set --train.loss_chunk=0."
         )
     if R > 1 and M < P:
         raise ConfigError(
@@ -162,3 +172,125 @@ def _run(stage, x, stacked, logical, plan, mesh):
     inputs = constrain(jnp.zeros((P, *xs.shape[1:]), xs.dtype), STAGE_ACT, mesh)
     (_, store), _ = jax.lax.scan(tick, (inputs, jnp.zeros_like(xs)), jnp.arange(plan.ticks))
     return merge_microbatches(store, mesh, ("act_batch", "act_seq", "act_embed"))
+
+
+def value_and_grad_1f1b(graphdef, params, batch: jax.Array, mesh: jax.sharding.Mesh, plan: Plan, seed: jax.Array):
+    """(mean next-token loss of `batch`, gradients of seed x that loss) by the one-forward-one-backward
+    schedule: the backward pass is not autodiff of the loop but part of it.
+
+    In one SPMD loop of M + 2P - 1 ticks every stage runs, at tick t, the forward pass of microbatch t - s
+    and the backward pass of microbatch t - 2P + 1 + s (each where it exists): the last stage's output goes
+    straight through the final norm, LM head and loss (forward and backward), and its gradient starts down
+    the stages on the next tick. A stage keeps the input of each microbatch between its forward and its
+    backward pass, at most 2P of them (a ring buffer of 2P slots), whatever M is, and recomputes the
+    stage's forward inside the backward pass (stage-level rematerialisation). No activation outlives the
+    tick that made it except those stage inputs, so the memory grows with P, not with M. The price of
+    lockstep SPMD: the bubble is (2P - 1) / (M + 2P - 1) of the ticks, and every tick runs the LM head and
+    loss on every stage (only the last stage's are used).
+    """
+    with sharding.rules(act_batch=("data", "fsdp")):
+        return _one_f_one_b(graphdef, params, batch, mesh, plan, seed)
+
+
+def _one_f_one_b(graphdef, params, batch, mesh, plan, seed):
+    from flax import nnx
+
+    from dsjax.step import microbatches
+
+    model = nnx.merge(graphdef, params)
+    P, M = plan.stages, plan.microbatches
+    K = 2 * P  # ring slots per stage: microbatches between a stage's forward and backward pass, at most 2P - 1
+    rows, T = batch.shape[0], batch.shape[1] - 1
+    stacked, logical = model.blocks.arrays(), model.block_logical()
+    c = next(iter(stacked.values())).shape[0] // P
+    weights = {
+        name: constrain(a.reshape(P, c, *a.shape[1:]), ("stage", None, *logical[name][1:]), mesh)
+        for name, a in stacked.items()
+    }
+    tokens = microbatches(batch, M, mesh)  # (M, mb, T + 1)
+    stage = model.stage_fn(T, mesh)
+    cotangent = (seed / (rows * T)).astype(jnp.float32)  # d(seed * mean loss) / d(sum of token losses)
+
+    def embed(p, tok):
+        return nnx.merge(graphdef, p).embed_tokens(tok, mesh)
+
+    def tail(p, y, labels):
+        m = nnx.merge(graphdef, p)
+        return m.token_losses(m.final_norm_fn(y), m.head(), labels, mesh).sum()
+
+    def stage_backward(w, x, g):
+        _, pull = jax.vjp(stage, w, x)
+        return pull(g)
+
+    forward = jax.vmap(stage, spmd_axis_name="pipeline")
+    backward = jax.vmap(stage_backward, spmd_axis_name="pipeline")
+    write = jax.vmap(lambda ring, i, x: jax.lax.dynamic_update_index_in_dim(ring, x, i, 0), spmd_axis_name="pipeline")
+    read = jax.vmap(lambda ring, i: jax.lax.dynamic_index_in_dim(ring, i, 0, keepdims=False), spmd_axis_name="pipeline")
+    slot = jnp.arange(P)
+
+    def masked(valid, tree):
+        return jax.tree.map(lambda a: jnp.where(valid, a, jnp.zeros_like(a)), tree)
+
+    def per_stage(valid):  # (P,) -> broadcastable over (P, ...)
+        return lambda a: jnp.where(valid.reshape(P, *([1] * (a.ndim - 1))), a, jnp.zeros_like(a))
+
+    def tick(carry, t):
+        sent, returned, last_grad, ring, block_grads, other_grads, total = carry
+        # forward: stage s runs microbatch t - s; stage 0 takes it from the embedding
+        first = embed(params, tokens[jnp.minimum(t, M - 1)][:, :-1])
+        inputs = jnp.where((slot == 0)[:, None, None, None], first[None], jnp.roll(sent, 1, axis=0))
+        inputs = constrain(inputs, STAGE_ACT, mesh)
+        ring = write(ring, (t - slot) % K, inputs)
+        outputs = constrain(forward(weights, inputs), STAGE_ACT, mesh)
+        # the last stage's microbatch through the final norm, LM head and loss, forward and backward
+        item = t - (P - 1)
+        done = (item >= 0) & (item < M)
+        labels = tokens[jnp.clip(item, 0, M - 1)][:, 1:]
+        loss, pull = jax.vjp(lambda p, y: tail(p, y, labels), params, outputs[P - 1])
+        tail_params, tail_grad = pull(cotangent)
+        total = total + jnp.where(done, loss, 0.0)
+        other_grads = jax.tree.map(jnp.add, other_grads, masked(done, tail_params))
+        # backward: stage s runs microbatch t - 2P + 1 + s, from its saved input and the gradient that the
+        # stage above (or, for the last stage, the loss) produced at the previous tick
+        item_b = t - 2 * P + 1 + slot
+        valid = (item_b >= 0) & (item_b < M)
+        incoming = jnp.where((slot == P - 1)[:, None, None, None], last_grad[None], jnp.roll(returned, -1, axis=0))
+        incoming = constrain(incoming, STAGE_ACT, mesh)
+        weight_grads, input_grads = backward(weights, read(ring, item_b % K), incoming)
+        block_grads = jax.tree.map(
+            lambda acc, g: acc + per_stage(valid)(g).astype(jnp.float32), block_grads, weight_grads
+        )
+        input_grads = constrain(per_stage(valid)(input_grads), STAGE_ACT, mesh)
+        # stage 0's input gradient: the embedding's backward pass for its microbatch
+        item_e = t - 2 * P + 1
+        _, pull_e = jax.vjp(lambda p: embed(p, tokens[jnp.clip(item_e, 0, M - 1)][:, :-1]), params)
+        (embed_params,) = pull_e(input_grads[0])
+        other_grads = jax.tree.map(jnp.add, other_grads, masked((item_e >= 0) & (item_e < M), embed_params))
+        return (outputs, input_grads, jnp.where(done, tail_grad, 0), ring, block_grads, other_grads, total), None
+
+    D = model.cfg.d_model
+    dtype = jnp.dtype(compute_dtype(model.policy.compute))
+    micro = tokens.shape[1]
+    acts = constrain(jnp.zeros((P, micro, T, D), dtype), STAGE_ACT, mesh)
+    ring = constrain(jnp.zeros((P, K, micro, T, D), dtype), ("stage", None, *STAGE_ACT[1:]), mesh)
+    init = (
+        acts,
+        acts,
+        jnp.zeros((micro, T, D), dtype),
+        ring,
+        jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), weights),
+        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+        jnp.zeros((), jnp.float32),
+    )
+    final, _ = jax.lax.scan(tick, init, jnp.arange(M + 2 * P - 1))
+    _, _, _, _, block_grads, other_grads, total = final
+
+    def assemble(path, g, p):
+        key = jax.tree_util.keystr(path)
+        for name, grad in block_grads.items():
+            if key.startswith(f"['blocks']['{name}']"):
+                return grad.reshape(p.shape).astype(p.dtype)
+        return g.astype(p.dtype)
+
+    grads = jax.tree_util.tree_map_with_path(assemble, other_grads, params)
+    return total / (rows * T), grads

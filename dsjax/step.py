@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dsjax import pipeline
 from dsjax.precision import GradientScaler, LossScale
 from dsjax.sharding import constrain, named
 from dsjax.state import TrainState
@@ -97,8 +98,12 @@ def make_train_step(
     objective: Callable | None = None,
     chunk: int = 0,
     accum: int = 1,
+    plan: pipeline.Plan | None = None,
 ) -> Callable:
     """jit(train_step): (state, batch) -> (state, metrics), metrics as device scalars.
+
+    With a 1F1B pipeline `plan`, the loss and gradients come from `pipeline.value_and_grad_1f1b` (its
+    schedule interleaves the backward pass with the forward pass) instead of autodiff of the model.
 
     With accum > 1 the batch is split into `accum` microbatches (`microbatches`) whose gradients are
     summed in fp32 in a loop and averaged before the one optimizer update: the same update as the whole
@@ -111,18 +116,26 @@ def make_train_step(
     Clipping (inside `tx`) sees unscaled gradients.
     """
     scaler = GradientScaler(loss_scale)
+    one_f_one_b = plan is not None and plan.schedule == "1f1b" and objective is None
 
     def train_step(state: TrainState, batch: jax.Array):
         def scaled(params, batch):
             loss = loss_fn(graphdef, params, batch, mesh, objective, chunk)
             return scaler.scale(loss, state.loss_scale), loss
 
+        def loss_and_grads(params, batch):
+            if one_f_one_b:
+                seed = scaler.scale(jnp.ones((), jnp.float32), state.loss_scale)
+                return pipeline.value_and_grad_1f1b(graphdef, params, batch, mesh, plan, seed)
+            (_, loss), grads = jax.value_and_grad(scaled, has_aux=True)(params, batch)
+            return loss, grads
+
         if accum == 1:
-            (_, loss), grads = jax.value_and_grad(scaled, has_aux=True)(state.params, batch)
+            loss, grads = loss_and_grads(state.params, batch)
         else:
 
             def add(carry, micro):
-                (_, loss), grads = jax.value_and_grad(scaled, has_aux=True)(state.params, micro)
+                loss, grads = loss_and_grads(state.params, micro)
                 total, summed = carry
                 return (total + loss, jax.tree.map(lambda s, g: s + g.astype(jnp.float32), summed, grads)), None
 

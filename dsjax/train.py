@@ -146,6 +146,7 @@ def build(config: Config, devices: Sequence[jax.Device] | None = None, abstract:
             loss_scale,
             chunk=config.train.loss_chunk,
             accum=config.train.grad_accum,
+            plan=pipeline.make_plan(config, degrees),
         ),
         eval_step=make_eval_step(graphdef, mesh, shardings, bs, config.train.loss_chunk),
         batch_sharding=bs,

@@ -141,7 +141,7 @@ def test_help_with_unknown_preset_is_an_error(capsys):
         (["--model.n_kv_heads=3"], ["model.n_heads (4)", "model.n_kv_heads (3)"]),
         (["--train.seq_len=512"], ["train.seq_len (512)", "model.max_seq_len (256)"]),
         (["--mesh.pipeline=8", "--mesh.fsdp=1"], ["model.n_layers (4)", "mesh.pipeline x pipeline.repeats = 8 x 1"]),
-        (["--mesh.pipeline=2", "--pipeline.schedule=1f1b"], ["pipeline.schedule='1f1b'", "not implemented"]),
+        (["--pipeline.schedule=1F1B"], ["pipeline.schedule must be one of", "'1F1B'"]),
         (["--mesh.data=-1"], ["mesh.data, mesh.fsdp"]),
         (["--mesh.data=3", "--mesh.fsdp=1"], ["mesh.data=3", "multiply to 3", "8 devices"]),
         (["--mesh.data=3", "--mesh.fsdp=-1"], ["mesh.fsdp=-1", "multiply to 3", "8 devices"]),

@@ -1,4 +1,4 @@
-"""Pipeline parallelism (GPipe and circular) on 8 simulated CPU devices trains exactly like one device.
+"""Pipeline parallelism (GPipe, circular, 1F1B) on 8 simulated CPU devices trains exactly like one device.
 
 Tolerances (fp32): losses at the 3 points of a single-device SGD trajectory relative 1e-5, and every
 gradient tensor there within relative 1e-5 in the L2 norm; for the AdamW train step, parameters after 3 steps relative
@@ -9,6 +9,7 @@ GPT-2's key bias, whose gradient is analytically zero, is checked to stay at the
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -23,7 +24,7 @@ from dsjax.config import (
     RematConfig,
     TrainConfig,
 )
-from dsjax.pipeline import Plan
+from dsjax.pipeline import Plan, make_plan, value_and_grad_1f1b
 from dsjax.step import loss_fn
 from dsjax.train import batch_at, build
 
@@ -49,10 +50,12 @@ LAYOUTS = {
     "gpipe_p2": (MeshConfig(pipeline=2, fsdp=1), "gpipe", 4, 1),
     "gpipe_p4": (MeshConfig(pipeline=4, fsdp=1), "gpipe", 4, 1),
     "gpipe_p2_data2_tensor2": (MeshConfig(data=2, pipeline=2, fsdp=1, tensor=2), "gpipe", 2, 1),
-    "gpipe_p4_fsdp2": (MeshConfig(pipeline=4, fsdp=2), "gpipe", 8, 1),
     "circular_p2_r2": (MeshConfig(pipeline=2, fsdp=1), "circular", 4, 2),
     "circular_p4_r2_data2": (MeshConfig(data=2, pipeline=4, fsdp=1), "circular", 4, 2),
     "circular_p2_r4_tensor2_fsdp2": (MeshConfig(pipeline=2, fsdp=2, tensor=2), "circular", 2, 4),
+    "1f1b_p2": (MeshConfig(pipeline=2, fsdp=1), "1f1b", 4, 1),
+    "1f1b_p4_data2": (MeshConfig(data=2, pipeline=4, fsdp=1), "1f1b", 4, 1),
+    "1f1b_p2_tensor2_fsdp2": (MeshConfig(pipeline=2, fsdp=2, tensor=2), "1f1b", 2, 1),
 }
 
 
@@ -73,7 +76,12 @@ def sgd_run(cfg: Config, devices, points=None):
     (the single-device reference); with them it evaluates at the reference's points, so each comparison
     is of one step's loss and gradients, not of drift compounded over steps."""
     run = build(cfg, devices=devices)
-    value_and_grad = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(run.graphdef, p, b, run.mesh)))
+    plan = make_plan(cfg, run.degrees)
+    if plan is not None and plan.schedule == "1f1b":  # the schedule computes the gradients itself
+        one = jnp.ones((), jnp.float32)
+        value_and_grad = jax.jit(lambda p, b: value_and_grad_1f1b(run.graphdef, p, b, run.mesh, plan, one))
+    else:
+        value_and_grad = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(run.graphdef, p, b, run.mesh)))
     update = jax.jit(lambda p, g: jax.tree.map(lambda a, b: a - 0.5 * b, p, g))
     params, losses, grads, visited = run.state.params, [], [], []
     for step in range(STEPS):
@@ -140,25 +148,54 @@ def test_pipeline_matches_single_device(family, layout, capfd):
         assert_gradients_close(grads[step], ref_grads[step], rtol=1e-5, skip_noise=family == "gpt2")
 
 
-def test_the_pipelined_train_step_with_remat_and_gradient_accumulation_matches_single_device():
-    """The real train step (AdamW, clipping, loss scale counters) through the pipeline, circular with
-    remat and grad_accum, against the single-device train step: losses and parameters after 3 steps."""
+def adamw_run(cfg, devices):
+    run = build(cfg, devices=devices)
+    losses = []
+    for step in range(STEPS):
+        run.state, metrics = run.train_step(run.state, batch_at(run, run.train_samples, step))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(nnx.to_pure_dict(run.state.params))
 
-    def adamw_run(cfg, devices):
-        run = build(cfg, devices=devices)
-        losses = []
-        for step in range(STEPS):
-            run.state, metrics = run.train_step(run.state, batch_at(run, run.train_samples, step))
-            losses.append(float(metrics["loss"]))
-        return losses, jax.device_get(nnx.to_pure_dict(run.state.params))
 
-    ref_losses, ref_params = adamw_run(config(MODELS["llama"], MeshConfig(fsdp=1)), jax.devices()[:1])
-    cfg = config(MODELS["llama"], MeshConfig(pipeline=2, fsdp=4), "circular", 2, 2, policy="full", every=2)
+@pytest.mark.parametrize("schedule", ["circular", "1f1b"])
+def test_the_pipelined_train_step_with_remat_and_gradient_accumulation_matches_single_device(schedule):
+    """The real train step (AdamW, clipping, loss scale counters) through the pipeline with remat and
+    grad_accum, against the single-device train step: losses and parameters after 3 steps."""
+
+    if "adamw" not in _reference:
+        _reference["adamw"] = adamw_run(config(MODELS["llama"], MeshConfig(fsdp=1)), jax.devices()[:1])
+    ref_losses, ref_params = _reference["adamw"]
+    repeats = 2 if schedule == "circular" else 1
+    cfg = config(MODELS["llama"], MeshConfig(pipeline=2, fsdp=4), schedule, 2, repeats, policy="full", every=2)
     cfg = cfg.replace(train=TrainConfig(steps=STEPS, batch_size=16, seq_len=32, lr=1e-2, warmup_steps=2, grad_accum=2))
     losses, params = adamw_run(cfg, jax.devices())
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert losses[-1] < losses[0]
     assert_trees_close(params, ref_params, rtol=1e-5, atol=1e-5)
+
+
+def test_1f1b_memory_grows_with_the_stages_not_the_microbatches():
+    """Compiled temporaries of the train step at a fixed microbatch (2 sequences of 64 tokens) for M = P
+    and 4P (experiments/RESULTS.md has P = 2 and 4 at M = P, 2P, 4P): GPipe keeps every microbatch's
+    activations until the backward pass, 1F1B at most 2P stage inputs."""
+    model = ModelConfig(family="llama", n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=256)
+
+    def temporaries(schedule, M):
+        cfg = Config(
+            model=model,
+            mesh=MeshConfig(pipeline=2, fsdp=1),
+            data=DataConfig(source="synthetic"),
+            train=TrainConfig(batch_size=2 * M, seq_len=64),
+            pipeline=PipelineConfig(schedule=schedule, microbatches=M),
+        )
+        run = build(cfg, devices=jax.devices()[:2], abstract=True)
+        batch = jax.ShapeDtypeStruct((2 * M, 65), jnp.int32, sharding=run.batch_sharding)
+        return run.train_step.lower(run.state, batch).compile().memory_analysis().temp_size_in_bytes
+
+    one_f_one_b = [temporaries("1f1b", M) for M in (2, 8)]
+    gpipe = [temporaries("gpipe", M) for M in (2, 8)]
+    assert max(one_f_one_b) <= 1.02 * min(one_f_one_b), one_f_one_b
+    assert gpipe[1] > 1.5 * gpipe[0] and one_f_one_b[1] < gpipe[1] / 3, (gpipe, one_f_one_b)
 
 
 def test_plan_stages_and_bubble():
@@ -174,6 +211,8 @@ def test_plan_stages_and_bubble():
     assert circular.bubble == pytest.approx(1 / 9)  # (P-1)/(R*M+P-1)
     assert [[(r.start, r.stop) for r in c] for c in circular.chunks(8)] == [[(0, 2), (4, 6)], [(2, 4), (6, 8)]]
     assert "stage 1: layers 2-3, 6-7" in circular.describe(8)
+    one_f_one_b = Plan(stages=4, microbatches=8, repeats=1, schedule="1f1b")
+    assert one_f_one_b.ticks == 15 and one_f_one_b.bubble == pytest.approx(7 / 15)  # (2P-1)/(M+2P-1)
 
 
 @pytest.mark.parametrize(
@@ -208,8 +247,9 @@ def test_remat_groups_may_not_straddle_stages():
         build(cfg, devices=jax.devices()[:4], abstract=True)
 
 
-def test_1f1b_is_refused_not_relabelled():
-    with pytest.raises(ConfigError, match=r"1f1b.*not implemented"):
-        PipelineConfig(schedule="1f1b")
+def test_repeats_need_the_circular_schedule():
     with pytest.raises(ConfigError, match=r"needs pipeline\.schedule=circular"):
         PipelineConfig(repeats=2)
+    with pytest.raises(ConfigError, match=r"loss_chunk \(8\) does not apply to pipeline\.schedule=1f1b"):
+        cfg = config(MODELS["llama"], MeshConfig(pipeline=2, fsdp=1), "1f1b")
+        build(cfg.replace(train=TrainConfig(batch_size=16, seq_len=32, loss_chunk=8)), jax.devices()[:2], abstract=True)

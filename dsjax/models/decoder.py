@@ -60,22 +60,37 @@ class Decoder(nnx.Module):
 
     def features(self, tokens: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
         """tokens (B, T) -> final-norm hidden states (B, T, D) in the compute dtype."""
+        x = self.embed_tokens(tokens, mesh)
+        stage = self.stage_fn(tokens.shape[1], mesh)
+        plan = self.plan(mesh, x.shape[0])
+        if plan is None:
+            x = stage(self.blocks.arrays(), x)
+        else:
+            x = pipeline.run(stage, x, self.blocks.arrays(), self.block_logical(), plan, mesh)
+        return self.final_norm_fn(x)
+
+    def embed_tokens(self, tokens: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+        """tokens (B, T) -> embeddings (plus learned positions) (B, T, D) in the compute dtype."""
+        dtype = compute_dtype(self.policy.compute)
+        T = tokens.shape[1]
+        # Gather the table's FSDP shards first (ZeRO-3 does this for every weight before use); a gather from
+        # a table split along D by the same axis that splits the batch would force a full replication.
+        table = constrain(self.embed.get_value(), ("vocab", None), mesh)
+        x = jnp.take(table, tokens, axis=0).astype(dtype)  # (B, T, D)
+        if FAMILIES[self.cfg.family].LEARNED_POSITIONS:
+            x = x + self.positions.get_value()[:T][None].astype(dtype)
+        return constrain(x, ("act_batch", "act_seq", "act_embed"), mesh)
+
+    def stage_fn(self, seq_len: int, mesh: jax.sharding.Mesh | None = None):
+        """stage(layers {name: (n, ...)}, x (B, T, D)) -> x after those n layers, with the model's remat
+        policy: all layers, or one pipeline chunk."""
         cfg = self.cfg
         family = FAMILIES[cfg.family]
         dtype = compute_dtype(self.policy.compute)
         platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
         # Resolve 'auto' once, for the devices this call runs on, and hand the blocks the concrete choice.
         cfg = dataclasses.replace(cfg, attention=attention_impl(cfg.attention, dtype, cfg.head_dim, platform))
-        act = ("act_batch", "act_seq", "act_embed")
-        T = tokens.shape[1]
-        positions = jnp.arange(T, dtype=jnp.int32)
-        # Gather the table's FSDP shards first (ZeRO-3 does this for every weight before use); a gather from
-        # a table split along D by the same axis that splits the batch would force a full replication.
-        table = constrain(self.embed.get_value(), ("vocab", None), mesh)
-        x = jnp.take(table, tokens, axis=0).astype(dtype)  # (B, T, D)
-        if family.LEARNED_POSITIONS:
-            x = x + self.positions.get_value()[:T][None].astype(dtype)
-        x = constrain(x, act, mesh)
+        positions = jnp.arange(seq_len, dtype=jnp.int32)
 
         def block(layer_params, x):
             return family.block(layer_params, x, positions, cfg, mesh)
@@ -83,13 +98,13 @@ class Decoder(nnx.Module):
         def stage(layers, x):
             return scan_layers(block, x, layers, self.remat_policy, self.remat_every, unroll=not cfg.scan_layers)
 
-        plan = self.plan(mesh, x.shape[0])
-        if plan is None:
-            x = stage(self.blocks.arrays(), x)
-        else:
-            logical = {name: logical_axes(getattr(self.blocks, name)) for name in self.blocks.names}
-            x = pipeline.run(stage, x, self.blocks.arrays(), logical, plan, mesh)
-        return family.final_norm(x, self.final_norm.arrays(), cfg)
+        return stage
+
+    def final_norm_fn(self, x: jax.Array) -> jax.Array:
+        return FAMILIES[self.cfg.family].final_norm(x, self.final_norm.arrays(), self.cfg)
+
+    def block_logical(self) -> dict[str, tuple]:
+        return {name: logical_axes(getattr(self.blocks, name)) for name in self.blocks.names}
 
     def plan(self, mesh: jax.sharding.Mesh | None, batch: int) -> pipeline.Plan | None:
         """The pipeline plan for a batch of `batch` sequences on `mesh` (its `pipeline` axis is the stage
