@@ -1,4 +1,4 @@
-"""Pipeline parallelism over the mesh's `pipeline` axis: GPipe and circular (interleaved) schedules.
+"""Pipeline parallelism over the mesh's `pipeline` axis: GPipe, circular (interleaved) and 1F1B schedules.
 
 The decoder's stacked layers (L, ...) are cut into P * R chunks of c = L / (P * R) consecutive layers;
 chunk k runs on stage k mod P, so stage s holds chunks s, s + P, ..., s + (R - 1) P (GPipe: R = 1, one
@@ -15,6 +15,14 @@ gives the backward pass in reverse tick order: all forward work, then all backwa
 the activations of every tick kept (or rematerialised as the remat policy says). Idle slots (the
 bubble, a fraction (P - 1) / (R M + P - 1) of the ticks) compute on zeros or stale activations whose
 outputs are never used, so they contribute nothing to the loss or the gradients.
+
+1F1B (`value_and_grad_1f1b`) is a different loop: the backward pass is written into it instead of
+derived by autodiff, so each tick holds one forward and one backward pass per stage and a stage keeps at
+most 2P microbatch inputs (see its docstring); its forward-only uses (evaluation) run the GPipe loop.
+
+Outside the pipelined layers (embedding, final norm, LM head, loss) the batch is split over the pipeline
+axis as well as data and fsdp (`act_batch`), so the stages share that work instead of repeating it; inside
+the loop `sharding.rules` takes the pipeline axis out of `act_batch`, since a stage holds whole microbatches.
 
 The stored parameters keep the canonical layer order (a checkpoint does not depend on the pipeline
 layout) with the layer axis split over the pipeline axis in contiguous blocks. For GPipe that block is
