@@ -10,10 +10,9 @@ direction. It is checked to stay at that noise level instead of element by eleme
 import jax
 import numpy as np
 import pytest
-from flax import nnx
+from training import models, train_steps
 
 from dsjax.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig
-from dsjax.train import batch_at, build
 
 STEPS = 5
 LAYOUTS = {
@@ -22,23 +21,7 @@ LAYOUTS = {
     "tensor2_fsdp4": MeshConfig(fsdp=4, tensor=2),
     "data2_fsdp2_tensor2": MeshConfig(data=2, fsdp=2, tensor=2),
 }
-MODELS = {
-    # llama with grouped-query attention (4 query heads over 2 kv heads)
-    "llama": ModelConfig(
-        family="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=256, max_seq_len=32
-    ),
-    "gpt2": ModelConfig(
-        family="gpt2",
-        n_layers=2,
-        d_model=32,
-        n_heads=4,
-        n_kv_heads=4,
-        d_ff=64,
-        vocab_size=256,
-        max_seq_len=32,
-        tie_embeddings=True,
-    ),
-}
+MODELS = models(n_layers=2)
 
 
 def config(model: ModelConfig, mesh: MeshConfig) -> Config:
@@ -50,14 +33,8 @@ def config(model: ModelConfig, mesh: MeshConfig) -> Config:
     )
 
 
-def train_losses(cfg: Config, devices) -> tuple[list[float], dict]:
-    run = build(cfg, devices=devices)
-    losses = []
-    for step in range(STEPS):
-        run.state, metrics = run.train_step(run.state, batch_at(run, run.train_samples, step))
-        losses.append(float(metrics["loss"]))  # blocks every step: bounded steps in flight on CPU
-    params = jax.device_get(nnx.to_pure_dict(run.state.params))
-    return losses, params, run
+def train_losses(cfg: Config, devices):
+    return train_steps(cfg, devices, STEPS)
 
 
 _reference: dict[str, tuple] = {}

@@ -6,10 +6,10 @@ microbatch sums add the same terms in another order."""
 import jax
 import numpy as np
 import pytest
-from flax import nnx
+from training import train_steps
 
 from dsjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
-from dsjax.train import batch_at, build
+from dsjax.train import build
 
 MODEL = ModelConfig(family="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=256)
 STEPS = 3
@@ -25,12 +25,7 @@ def config(accum: int, mesh: MeshConfig) -> Config:
 
 
 def trained(cfg: Config, devices):
-    run = build(cfg, devices=devices)
-    losses = []
-    for step in range(STEPS):
-        run.state, metrics = run.train_step(run.state, batch_at(run, run.train_samples, step))
-        losses.append(float(metrics["loss"]))
-    return losses, jax.device_get(nnx.to_pure_dict(run.state.params))
+    return train_steps(cfg, devices, STEPS)[:2]
 
 
 @pytest.mark.parametrize(("accum", "mesh", "n"), [(4, MeshConfig(fsdp=1), 1), (2, MeshConfig(data=2, fsdp=2), 4)])

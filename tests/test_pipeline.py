@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from training import models, train_steps
 
 from dsjax.config import (
     Config,
@@ -29,22 +30,7 @@ from dsjax.step import loss_fn
 from dsjax.train import batch_at, build
 
 STEPS = 3
-MODELS = {
-    "llama": ModelConfig(
-        family="llama", n_layers=8, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=256, max_seq_len=32
-    ),
-    "gpt2": ModelConfig(
-        family="gpt2",
-        n_layers=8,
-        d_model=32,
-        n_heads=4,
-        n_kv_heads=4,
-        d_ff=64,
-        vocab_size=256,
-        max_seq_len=32,
-        tie_embeddings=True,
-    ),
-}
+MODELS = models(n_layers=8)
 # name -> (mesh, schedule, microbatches, repeats)
 LAYOUTS = {
     "gpipe_p2": (MeshConfig(pipeline=2, fsdp=1), "gpipe", 4, 1),
@@ -104,28 +90,21 @@ def reference(family: str):
     return _reference[family]
 
 
-def assert_trees_close(got, want, rtol, atol, skip_noise=False):
+def assert_trees_close(got, want, rtol, atol=0.0, skip_noise=False, norm=False):
+    """Every leaf of `got` close to `want`: element by element (rtol, atol), or with norm=True as a
+    whole in the L2 norm, ||g - g_ref|| <= rtol ||g_ref|| (element by element, a gradient entry 100x
+    smaller than its tensor's typical entry carries the same absolute rounding as the others, from sums
+    over the batch taken in another order)."""
     flat = dict(jax.tree_util.tree_leaves_with_path(got))
     for path, ref in jax.tree_util.tree_leaves_with_path(want):
         name = jax.tree_util.keystr(path)
         if skip_noise and name == "['blocks']['bk']":
             assert np.abs(flat[path]).max() < 1e-5 and np.abs(ref).max() < 1e-5
-            continue
-        np.testing.assert_allclose(flat[path], ref, rtol=rtol, atol=atol, err_msg=name)
-
-
-def assert_gradients_close(got, want, rtol, skip_noise=False):
-    """Each gradient tensor within `rtol` of the reference in the L2 norm: ||g - g_ref|| <= rtol ||g_ref||.
-    (Element by element, a gradient entry 100x smaller than its tensor's typical entry carries the same
-    absolute rounding as the others, from sums over the batch taken in another order.)"""
-    flat = dict(jax.tree_util.tree_leaves_with_path(got))
-    for path, ref in jax.tree_util.tree_leaves_with_path(want):
-        name = jax.tree_util.keystr(path)
-        if skip_noise and name == "['blocks']['bk']":
-            assert np.abs(flat[path]).max() < 1e-5 and np.abs(ref).max() < 1e-5
-            continue
-        error = np.linalg.norm(flat[path] - ref) / np.linalg.norm(ref)
-        assert error <= rtol, f"{name}: relative L2 error {error:.3g} > {rtol}"
+        elif norm:
+            error = np.linalg.norm(flat[path] - ref) / np.linalg.norm(ref)
+            assert error <= rtol, f"{name}: relative L2 error {error:.3g} > {rtol}"
+        else:
+            np.testing.assert_allclose(flat[path], ref, rtol=rtol, atol=atol, err_msg=name)
 
 
 @pytest.mark.parametrize("family", list(MODELS))
@@ -145,16 +124,11 @@ def test_pipeline_matches_single_device(family, layout, capfd):
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert losses[-1] < losses[0]
     for step in range(STEPS):
-        assert_gradients_close(grads[step], ref_grads[step], rtol=1e-5, skip_noise=family == "gpt2")
+        assert_trees_close(grads[step], ref_grads[step], rtol=1e-5, skip_noise=family == "gpt2", norm=True)
 
 
 def adamw_run(cfg, devices):
-    run = build(cfg, devices=devices)
-    losses = []
-    for step in range(STEPS):
-        run.state, metrics = run.train_step(run.state, batch_at(run, run.train_samples, step))
-        losses.append(float(metrics["loss"]))
-    return losses, jax.device_get(nnx.to_pure_dict(run.state.params))
+    return train_steps(cfg, devices, STEPS)[:2]
 
 
 @pytest.mark.parametrize("schedule", ["circular", "1f1b"])
