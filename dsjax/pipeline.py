@@ -178,7 +178,8 @@ def _run(stage, x, stacked, logical, plan, mesh):
         return (jnp.roll(outputs, 1, axis=0), store), None
 
     inputs = constrain(jnp.zeros((P, *xs.shape[1:]), xs.dtype), STAGE_ACT, mesh)
-    (_, store), _ = jax.lax.scan(tick, (inputs, jnp.zeros_like(xs)), jnp.arange(plan.ticks))
+    ticks = R * M + P - 1  # the forward loop (also 1F1B's forward-only uses, whose own loop is longer)
+    (_, store), _ = jax.lax.scan(tick, (inputs, jnp.zeros_like(xs)), jnp.arange(ticks))
     return merge_microbatches(store, mesh, ("act_batch", "act_seq", "act_embed"))
 
 

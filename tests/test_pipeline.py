@@ -127,6 +127,14 @@ def test_pipeline_matches_single_device(family, layout, capfd):
         assert_trees_close(grads[step], ref_grads[step], rtol=1e-5, skip_noise=family == "gpt2", norm=True)
 
 
+def test_evaluation_under_1f1b_runs_the_forward_loop_and_matches_single_device():
+    ref_losses, _, points, _ = reference("llama")
+    run = build(config(MODELS["llama"], MeshConfig(pipeline=2, fsdp=1), "1f1b", 4), devices=jax.devices()[:2])
+    params = jax.device_put(points[0], run.shardings.params)
+    loss = float(run.eval_step(params, batch_at(run, run.train_samples, 0)))
+    np.testing.assert_allclose(loss, ref_losses[0], rtol=1e-5)
+
+
 def adamw_run(cfg, devices):
     return train_steps(cfg, devices, STEPS)[:2]
 
