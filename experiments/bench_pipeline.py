@@ -12,8 +12,8 @@ microbatch count. It prints one table row per configuration with
     measured efficiency = T_1 / (P x T_P)
 
 (the fraction of P GPUs' time the pipeline turns into the one-GPU work; 1 would be perfect) next to the
-schedule's theoretical 1 - bubble = R M / (R M + P - 1), which ignores communication and the per-tick
-overheads.
+schedule's theoretical 1 - bubble (`dsjax.pipeline.Plan.bubble`: R M / (R M + P - 1) for GPipe and circular,
+M / (M + 2P - 1) for lockstep 1F1B), which ignores communication and the per-tick overheads.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from dsjax.pipeline import Plan
 
 BENCH = Path(__file__).with_name("bench_train.py")
 
@@ -73,7 +75,7 @@ def main() -> None:
             sets = [*args.set, f"mesh.pipeline={P}", "mesh.fsdp=1", f"pipeline.schedule={schedule}"]
             sets += [f"pipeline.microbatches={M}", f"pipeline.repeats={R}"]
             result = measure(args, sets, base_env, out)
-            theory = R * M / (R * M + P - 1)
+            theory = 1 - Plan(stages=P, microbatches=M, repeats=R, schedule=schedule).bubble
             if result is None:
                 rows.append((f"{schedule} R={R}", P, M, None, None, theory))
                 continue
