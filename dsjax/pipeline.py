@@ -148,18 +148,23 @@ def run(
         return _run(stage, x, stacked, logical, plan, mesh)
 
 
+def stage_weights(stacked: dict, logical: dict, stages: int, repeats: int, mesh) -> dict:
+    """Stacked layer weights (L, ...) as (P, R, c, ...), split over the pipeline axis by stage: stage s,
+    repeat r holds chunk r * P + s (layers (r P + s) c, ..., (r P + s + 1) c - 1)."""
+
+    def regroup(name, a):
+        c = a.shape[0] // (stages * repeats)
+        grouped = a.reshape(repeats, stages, c, *a.shape[1:]).swapaxes(0, 1)
+        return constrain(grouped, ("stage", None, None, *logical[name][1:]), mesh)
+
+    return {name: regroup(name, a) for name, a in stacked.items()}
+
+
 def _run(stage, x, stacked, logical, plan, mesh):
     from dsjax.step import merge_microbatches, microbatches
 
     P, M, R = plan.stages, plan.microbatches, plan.repeats
-    n_layers = next(iter(stacked.values())).shape[0]
-    c = n_layers // (P * R)
-
-    def regroup(name, a):  # (L, ...) -> (P, R, c, ...): stage s, repeat r holds chunk r * P + s
-        grouped = a.reshape(R, P, c, *a.shape[1:]).swapaxes(0, 1)
-        return constrain(grouped, ("stage", None, None, *logical[name][1:]), mesh)
-
-    weights = {name: regroup(name, a) for name, a in stacked.items()}
+    weights = stage_weights(stacked, logical, P, R, mesh)
     xs = microbatches(x, M, mesh, ("act_batch", "act_seq", "act_embed"))  # (M, mb, T, D)
     slot = jnp.arange(P)
     run_stages = jax.vmap(stage, spmd_axis_name="pipeline")
@@ -210,12 +215,8 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed):
     P, M = plan.stages, plan.microbatches
     K = 2 * P  # ring slots per stage: microbatches between a stage's forward and backward pass, at most 2P - 1
     rows, T = batch.shape[0], batch.shape[1] - 1
-    stacked, logical = model.blocks.arrays(), model.block_logical()
-    c = next(iter(stacked.values())).shape[0] // P
-    weights = {
-        name: constrain(a.reshape(P, c, *a.shape[1:]), ("stage", None, *logical[name][1:]), mesh)
-        for name, a in stacked.items()
-    }
+    weights = stage_weights(model.blocks.arrays(), model.block_logical(), P, 1, mesh)
+    weights = {name: w[:, 0] for name, w in weights.items()}  # one chunk per stage: (P, c, ...)
     tokens = microbatches(batch, M, mesh)  # (M, mb, T + 1)
     stage = model.stage_fn(T, mesh)
     cotangent = (seed / (rows * T)).astype(jnp.float32)  # d(seed * mean loss) / d(sum of token losses)
