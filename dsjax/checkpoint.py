@@ -161,6 +161,7 @@ class Checkpointer:
         self._last_time = time.monotonic()
         self.last_saved: int | None = None
         self._watcher: threading.Thread | None = None
+        self._warming: threading.Thread | None = None
         # Old checkpoints are deleted here, not by Orbax: only once a newer one has its manifest (Orbax's
         # max_to_keep would delete a verified checkpoint before its successor is verifiable, and while the
         # manifest thread may still be reading it). The directory is created at the first save, so a run
@@ -225,7 +226,9 @@ class Checkpointer:
             except Exception as err:  # an optimisation only: the first save compiles it if this fails
                 self.log(f"warning: compiling the checkpoint's finiteness check in the background failed ({err}).")
 
-        threading.Thread(target=work, name="dsjax-checkpoint-warm-up", daemon=True).start()
+        # Joined by wait(): a process must not exit (and tear XLA down) while this thread is compiling.
+        self._warming = threading.Thread(target=work, name="dsjax-checkpoint-warm-up", daemon=True)
+        self._warming.start()
 
     def _finished(self, step: int) -> bool:
         """Orbax is done with `step`: its directory has its final name and no background work on it is left
@@ -299,9 +302,9 @@ class Checkpointer:
         self._write_manifests(lambda step: (self.dir / str(step)).is_dir())
         with self._lock:
             lost, self._unverified = self._unverified, []
-        watcher = self._watcher
-        if watcher is not None:
-            watcher.join()
+        for thread in (self._watcher, self._warming):
+            if thread is not None:
+                thread.join()
         self.check()
         if lost:
             raise CheckpointError(f"checkpoint(s) {lost} in {self.dir} were never finalized (the save failed)")

@@ -406,7 +406,7 @@ def fit(
         recent.append((step, index))
         report(step, metrics)
 
-    if checkpointer is not None:
+    if checkpointer is not None and step0 < t.steps:
         checkpointer.warm_up(run.state)
     try:
         first = step0
