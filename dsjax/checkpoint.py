@@ -15,7 +15,11 @@ previous good one (`checkpoint.fallback`). Orbax deletes unfinished temporary di
 run opens the directory.
 
 Restoring reads each array straight into the sharding the current mesh wants (nothing is gathered on one
-device), so a run saved on one mesh continues on any other.
+device), so a run saved on one mesh continues on any other, with any number of processes.
+
+In a multi-process job every process writes its own shards into the same directory (which all processes
+must reach); process 0 alone writes manifests, deletes old checkpoints and sets aside newer ones, and
+the others wait for it (dsjax.distributed.sync) before they read what it moved.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dsjax import distributed
 from dsjax.config import CheckpointConfig, ConfigError
 
 MANIFEST = "dsjax_manifest.json"
@@ -155,6 +160,7 @@ class Checkpointer:
         self, directory: str | Path, cfg: CheckpointConfig, log: Callable[[str], None] = print, read_only: bool = False
     ):
         self.dir, self.cfg, self.log = Path(directory).absolute(), cfg, log
+        self.primary = distributed.is_primary()
         self._lock = threading.Lock()
         self._unverified: list[int] = []  # saved by this process, manifest not yet written
         self._error: BaseException | None = None
@@ -197,8 +203,9 @@ class Checkpointer:
         if not is_finite(state):
             self.log(f"warning: not saving a checkpoint at step {step}: the train state holds NaN or Inf.")
             return False
-        with self._lock:
-            self._unverified.append(step)
+        if self.primary:  # process 0 alone writes manifests and deletes old checkpoints
+            with self._lock:
+                self._unverified.append(step)
         self.dir.mkdir(parents=True, exist_ok=True)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(flatten(state)), meta=ocp.args.JsonSave({"format": FORMAT, **meta})
@@ -207,9 +214,9 @@ class Checkpointer:
             self.manager.save(step, args=args, force=True)
         except Exception as err:
             raise CheckpointError(f"saving a checkpoint to {self.dir} failed: {type(err).__name__}: {err}") from err
-        if self.cfg.async_save:
+        if self.primary and self.cfg.async_save:
             self._watch()
-        else:
+        elif self.primary:
             self._write_manifests(lambda step: True)
         self.check()
         self.last_saved, self._last_time = step, time.monotonic()
@@ -418,11 +425,12 @@ class Checkpointer:
     def _set_aside_newer_than(self, step: int) -> None:
         """Move checkpoints newer than the restored one (unusable, or from a run that went further) out of
         the way of the coming saves, into <dir>/rejected/, instead of deleting them."""
-        for newer in [s for s in self.steps() if s > step]:
+        for newer in [s for s in self.steps() if s > step] if self.primary else []:
             target = self.dir / REJECTED / f"{newer}-{time.strftime('%Y%m%d-%H%M%S')}"
             target.parent.mkdir(exist_ok=True)
             shutil.move(str(self.dir / str(newer)), target)
             self.log(f"warning: moved checkpoint {self.dir / str(newer)} (newer than the one restored) to {target}")
+        distributed.sync("checkpoint-set-aside")  # every process sees the moves before its next save
         self.manager.reload()
 
 

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from dsjax import checkpoint as ckpt
 from dsjax import data as data_lib
-from dsjax import memory, pipeline, xla_flags
+from dsjax import distributed, memory, pipeline, xla_flags
+from dsjax.compiling import compilation_cache
 from dsjax.config import Config, ConfigError, apply_overrides, help_text, preset, split_known
 from dsjax.mesh import check_config, make_mesh, simulate_cpu_devices
 from dsjax.metrics import MetricsLog, flops_per_token, peak_flops
@@ -235,7 +236,7 @@ def compile_report(run: Run, compiled, shardings: bool = False) -> str:
         f"  optimizer state   {memory.fmt_bytes(memory.shard_bytes(state.opt_state, run.shardings.opt_state))}",
     ]
     if mem is not None:
-        limit, source = memory.budget(cfg, run.mesh.devices.flat[0])
+        limit, source = memory.budget(cfg, jax.local_devices()[0])
         lines += [
             f"  temporaries       {memory.fmt_bytes(mem.temp_size_in_bytes)} (activations and workspace)",
             f"  arguments/outputs {memory.fmt_bytes(mem.argument_size_in_bytes)} / "
@@ -256,7 +257,7 @@ def prepare(run: Run, log: Callable[[str], None] = print):
     first = batch_at(run, run.train_samples, int(jax.device_get(run.state.step)))
     compiled = run.train_step.lower(run.state, first).compile()
     log(compile_report(run, compiled))
-    memory.preflight(run.config, compiled.memory_analysis(), run.mesh.devices.flat[0], run.degrees)
+    memory.preflight(run.config, compiled.memory_analysis(), jax.local_devices()[0], run.degrees)
     return compiled
 
 
@@ -299,7 +300,7 @@ def fit(
             "checkpoint.rollback_on_nonfinite needs checkpoints to roll back to: give the run a directory "
             "(--out or --checkpoint.dir) and keep checkpoint.enabled=true."
         )
-    sink = MetricsLog(out / "metrics.jsonl") if out is not None else None
+    sink = MetricsLog(out / "metrics.jsonl") if out is not None and distributed.is_primary() else None
     history: list[dict] = []
 
     def record(entry: dict) -> None:
@@ -560,6 +561,7 @@ def train(
         out_dir = _check_out(out, resumable=c.enabled and c.restore != "none" and _holds_checkpoints(own))
     else:
         out_dir = None
+    distributed.sync("out-checked")  # no process may see another's files as an older run's
     directory = None
     if c.enabled and (c.dir or out_dir is not None):
         directory = Path(c.dir) if c.dir else out_dir / "checkpoints"
@@ -579,7 +581,7 @@ def train(
         restored = restore(run, checkpointer, log)
         materialize(run)  # nothing was restored: start from the initialisation
     compiled = prepare(run, log)
-    if out_dir is not None:
+    if out_dir is not None and distributed.is_primary():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(config.to_json() + "\n")
         if restored is not None:
@@ -668,32 +670,46 @@ def _main(argv: Sequence[str]) -> int:
     xla_flags.default_memory_fraction()
     if options["cpu_devices"] is not None:
         simulate_cpu_devices(options["cpu_devices"])
+    job = distributed.initialize()  # a no-op unless the environment describes several processes
+    if job.num_processes > 1 and not options["out"] and not options["dry_run"]:
+        raise ConfigError(
+            f"this is {job.describe()}: a multi-process run needs --out, one run directory that every "
+            "process can reach (a shared file system across hosts); python -m dsjax.launch sets one."
+        )
+    primary = job.process_id == 0
+    say = print if primary else _quiet
+    compilation_cache()  # a restarted or repeated run loads its compiled programs from disk
     if options["dry_run"]:
         run = build(config, abstract=True)
         batch = jax.ShapeDtypeStruct(
             (config.train.batch_size, config.train.seq_len + 1), jnp.int32, sharding=run.batch_sharding
         )
         compiled = run.train_step.lower(run.state, batch).compile()
-        print(compile_report(run, compiled, shardings=True))
+        say(compile_report(run, compiled, shardings=True))
         try:
-            memory.preflight(config, compiled.memory_analysis(), run.mesh.devices.flat[0], run.degrees)
+            memory.preflight(config, compiled.memory_analysis(), jax.local_devices()[0], run.degrees)
         except ConfigError as err:
-            print(f"preflight: a real run would stop here: {err}")
-        print("dry run: compiled the train step; nothing was trained.")
+            say(f"preflight: a real run would stop here: {err}")
+        say("dry run: compiled the train step; nothing was trained.")
         return 0
     out = Path(options["out"]) if options["out"] else _default_out(options["preset"])
     try:
-        run, _ = train(config, out)
+        run, _ = train(config, out, progress=primary, log=say)
     except TrainingError:
         if out.is_dir():
-            print(f"run directory: {out.resolve()}")
+            say(f"run directory: {out.resolve()}")
         raise
     if config.train.sample_tokens:
         text = sample(run, "def ", config.train.sample_tokens, seed=config.train.seed)
         if text is not None:
-            print("sample:\n" + text)
-    print(f"run directory: {out.resolve()}")
+            say("sample:\n" + text)
+    say(f"run directory: {out.resolve()}")
     return 0
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """The log of processes other than 0 in a multi-process run: they train silently (errors still go
+    to stderr), so a job's output is one process's story, not N copies of it."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -703,20 +719,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     except ConfigError as err:
-        print(f"dsjax: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(f"dsjax: error: {err}", 2)
     except TrainingError as err:
-        print(f"dsjax: training stopped: {err}", file=sys.stderr)
-        return 1
+        return _fail(f"dsjax: training stopped: {err}", 1)
     except ckpt.CheckpointError as err:
-        print(f"dsjax: checkpoint error: {err}", file=sys.stderr)
-        return 1
+        return _fail(f"dsjax: checkpoint error: {err}", 1)
     except Preempted as err:
         print(f"dsjax: preempted: {err} Run the same command again to resume.", file=sys.stderr)
         return ckpt.PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
-        print("dsjax: interrupted", file=sys.stderr)
-        return 130
+        return _fail("dsjax: interrupted", 130)
+    except Exception as err:
+        if distributed.process_env().num_processes == 1:
+            raise
+        # In a job, a collective that fails (a peer died: Gloo reports a closed connection) ends here.
+        distributed.await_lost_peer(err)
+        first = str(err).splitlines()[0] if str(err) else ""
+        return _fail(f"dsjax: process {jax.process_index()} failed: {type(err).__name__}: {first}", 1)
+
+
+def _fail(message: str, code: int) -> int:
+    """Print `message`; in a multi-process job also tell the other processes (they stop too, quoting it)
+    and leave at once instead of waiting in JAX's shutdown barrier for peers that are stopping."""
+    print(message, file=sys.stderr)
+    distributed.report_failure(message)
+    distributed.end_after_failure(code)
+    return code
 
 
 if __name__ == "__main__":

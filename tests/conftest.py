@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No persistent compilation cache in tests (subprocesses inherit this): each test compiles what it runs,
+# as on a fresh machine. tests/test_distributed.py switches it on where it is the subject.
+os.environ["DSJAX_COMPILATION_CACHE"] = "off"
 
 import jax
 

@@ -1,0 +1,631 @@
+"""Multi-process runs: who am I (from the environment), `jax.distributed` start-up, dead-peer detection,
+and CommContext, the seed's process-group collectives.
+
+Everything here stands on `jax.distributed` and XLA's collectives (NCCL on GPUs, Gloo on CPUs); dsjax
+has no network layer of its own. The one extra is a liveness watch: each process bumps a counter in the
+coordination service's key-value store every `interval` seconds, and a process whose counter has not
+moved for `timeout_s` (or that posted a failure) makes the others exit with a message naming it, before
+XLA's own heartbeat check (set a little later) would abort them with a less specific one.
+
+Environment contract (first match wins; explicit `initialize()` arguments override any of it):
+
+  torchrun style  WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT [, LOCAL_RANK, LOCAL_WORLD_SIZE]
+                  (also what `python -m dsjax.launch` sets)
+  Kubernetes      JOB_COMPLETION_INDEX (an Indexed Job) as the rank, with WORLD_SIZE, MASTER_ADDR and
+                  MASTER_PORT set in the pod template (MASTER_ADDR = the headless service name of pod 0)
+  SLURM (srun)    SLURM_STEP_NUM_TASKS or SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID, the first host of
+                  SLURM_STEP_NODELIST / SLURM_JOB_NODELIST; port MASTER_PORT or one derived from the job id
+  Open MPI        OMPI_COMM_WORLD_SIZE, OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_LOCAL_RANK,
+                  OMPI_COMM_WORLD_LOCAL_SIZE; coordinator MASTER_ADDR:MASTER_PORT
+
+DSJAX_PEER_TIMEOUT (seconds, default 60) bounds how long a dead peer can hold up the others.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dsjax.config import ConfigError
+
+BACKENDS = ("auto", "nccl", "gloo")
+OPS = ("sum", "mean", "max", "min")
+DEFAULT_PORT = 29481  # SLURM / Open MPI without MASTER_PORT: this plus (job id mod 1000)
+DEFAULT_PEER_TIMEOUT_S = 60.0
+PEER_LOST_EXIT_CODE = 76  # a process ended because another one died or failed
+
+
+class DistributedError(ConfigError):
+    """The environment or arguments do not describe a consistent multi-process job, or a collective was
+    called with arguments it cannot take; the message names the variables or values."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessEnv:
+    """Where this process sits in the job."""
+
+    num_processes: int
+    process_id: int
+    local_rank: int = 0  # index among the processes on this host
+    local_world_size: int = 1  # processes on this host
+    coordinator: str | None = None  # host:port of process 0's coordination service
+    source: str = "single"  # which convention described it: explicit, torchrun, kubernetes, slurm, openmpi
+
+    def describe(self) -> str:
+        if self.num_processes == 1:
+            return "1 process"
+        return (
+            f"process {self.process_id} of {self.num_processes} (local rank {self.local_rank} of "
+            f"{self.local_world_size}), coordinator {self.coordinator}, from {self.source}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading the environment
+
+
+def _int(env: Mapping[str, str], name: str, low: int = 0) -> int:
+    raw = env.get(name)
+    try:
+        value = int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise DistributedError(f"environment variable {name}={raw!r} is not an integer.") from None
+    if value < low:
+        raise DistributedError(f"environment variable {name}={value} must be >= {low}.")
+    return value
+
+
+def _require(env: Mapping[str, str], names: Sequence[str], convention: str) -> None:
+    missing = [n for n in names if not env.get(n)]
+    if missing:
+        have = ", ".join(f"{n}={env[n]}" for n in names if env.get(n))
+        raise DistributedError(
+            f"the environment looks like a {convention} job ({have or 'partly set'}) but lacks "
+            f"{', '.join(missing)}; set all of {', '.join(names)} (or none of them for a single process)."
+        )
+
+
+def _address(env: Mapping[str, str], host_var: str, port: int | None, convention: str) -> str:
+    host = env.get(host_var)
+    if not host:
+        raise DistributedError(f"a {convention} job needs {host_var} (the host of process 0).")
+    if port is None:
+        port = _int(env, "MASTER_PORT", 1)
+    if not 0 < port < 65536:
+        raise DistributedError(f"the coordinator port {port} is outside 1..65535 (MASTER_PORT).")
+    return f"{host}:{port}"
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise DistributedError(f"cannot read the SLURM node list {nodelist!r}.")
+    prefix, ranges = m.group(1), m.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def detect(env: Mapping[str, str] | None = None) -> ProcessEnv:
+    """This process's place in the job, read from `env` (default os.environ) by the conventions in the
+    module docstring; a single process when none applies. Inconsistent variables are a DistributedError."""
+    env = os.environ if env is None else env
+    found: list[ProcessEnv] = []
+    if any(env.get(n) for n in ("WORLD_SIZE", "RANK")) and "JOB_COMPLETION_INDEX" not in env:
+        _require(env, ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"), "torchrun-style")
+        n = _int(env, "WORLD_SIZE", 1)
+        local_n = _int(env, "LOCAL_WORLD_SIZE", 1) if env.get("LOCAL_WORLD_SIZE") else n
+        local = _int(env, "LOCAL_RANK") if env.get("LOCAL_RANK") else _int(env, "RANK")
+        found.append(
+            ProcessEnv(n, _int(env, "RANK"), local, local_n, _address(env, "MASTER_ADDR", None, "torchrun"), "torchrun")
+        )
+    elif "JOB_COMPLETION_INDEX" in env:
+        _require(env, ("JOB_COMPLETION_INDEX", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"), "Kubernetes Indexed Job")
+        rank = _int(env, "JOB_COMPLETION_INDEX")
+        if env.get("RANK") and _int(env, "RANK") != rank:
+            raise DistributedError(
+                f"RANK={env['RANK']} disagrees with JOB_COMPLETION_INDEX={rank}; unset RANK on an Indexed Job."
+            )
+        n = _int(env, "WORLD_SIZE", 1)
+        found.append(ProcessEnv(n, rank, 0, 1, _address(env, "MASTER_ADDR", None, "Kubernetes"), "kubernetes"))
+    if env.get("SLURM_PROCID") and (env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")):
+        ntasks = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
+        n, rank = _int(env, ntasks, 1), _int(env, "SLURM_PROCID")
+        local = _int(env, "SLURM_LOCALID") if env.get("SLURM_LOCALID") else 0
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+        local_n = int(re.match(r"\d+", per_node).group()) if re.match(r"\d+", per_node) else 1
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if n > 1 and not nodes:
+            raise DistributedError("a SLURM step of several tasks needs SLURM_STEP_NODELIST or SLURM_JOB_NODELIST.")
+        port = _int(env, "MASTER_PORT", 1) if env.get("MASTER_PORT") else None
+        if port is None:
+            port = DEFAULT_PORT + (_int(env, "SLURM_JOB_ID") % 1000 if env.get("SLURM_JOB_ID") else 0)
+        host = first_slurm_host(nodes) if nodes else "127.0.0.1"
+        found.append(ProcessEnv(n, rank, local, max(local_n, local + 1), f"{host}:{port}", "slurm"))
+    if env.get("OMPI_COMM_WORLD_SIZE"):
+        _require(env, ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), "Open MPI")
+        n, rank = _int(env, "OMPI_COMM_WORLD_SIZE", 1), _int(env, "OMPI_COMM_WORLD_RANK")
+        local = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK") if env.get("OMPI_COMM_WORLD_LOCAL_RANK") else 0
+        local_n = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", 1) if env.get("OMPI_COMM_WORLD_LOCAL_SIZE") else 1
+        address = _address(env, "MASTER_ADDR", DEFAULT_PORT, "Open MPI") if n > 1 else None
+        if n > 1 and env.get("MASTER_PORT"):
+            address = _address(env, "MASTER_ADDR", None, "Open MPI")
+        found.append(ProcessEnv(n, rank, local, local_n, address, "openmpi"))
+    if not found:
+        return ProcessEnv(1, 0)
+    first = found[0]
+    for other in found[1:]:
+        if (other.num_processes, other.process_id) != (first.num_processes, first.process_id):
+            raise DistributedError(
+                f"the environment describes two different jobs: {first.source} says process "
+                f"{first.process_id} of {first.num_processes}, {other.source} says process {other.process_id} "
+                f"of {other.num_processes}. Launch with one of them, or make them agree."
+            )
+    for p in found:
+        if not 0 <= p.process_id < p.num_processes:
+            raise DistributedError(
+                f"{p.source}: rank {p.process_id} is outside 0..{p.num_processes - 1} (world size {p.num_processes})."
+            )
+        if not 0 <= p.local_rank < p.local_world_size:
+            raise DistributedError(
+                f"{p.source}: local rank {p.local_rank} is outside 0..{p.local_world_size - 1} "
+                f"(local world size {p.local_world_size})."
+            )
+    return first
+
+
+# ----------------------------------------------------------------------------------------------------
+# Start-up
+
+
+_state: dict = {"env": None, "watch": None}
+
+
+def _client():
+    from jax._src import distributed as jax_distributed  # the coordination service client jax started
+
+    return jax_distributed.global_state.client
+
+
+def process_env() -> ProcessEnv:
+    """The ProcessEnv that `initialize` set up; a single process if neither it nor jax.distributed ran."""
+    if _state["env"] is None and _client() is not None:
+        return ProcessEnv(jax.process_count(), jax.process_index(), source="jax.distributed")
+    return _state["env"] or ProcessEnv(1, 0)
+
+
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids: Sequence[int] | None = None,
+    backend: str = "auto",
+    peer_timeout_s: float | None = None,
+    init_timeout_s: int = 300,
+    env: Mapping[str, str] | None = None,
+) -> ProcessEnv:
+    """Join the job that the arguments (or else the environment) describe; call it once, first thing,
+    before anything touches JAX devices. With one process this only applies `backend`.
+
+    backend: "auto" (NCCL on GPUs, Gloo on CPUs), "gloo" (CPU devices only) or "nccl" (GPUs required).
+    peer_timeout_s: how long a silent or dead peer may hold the others up before they exit
+    (PEER_LOST_EXIT_CODE, naming it); default DSJAX_PEER_TIMEOUT or 60 s.
+    """
+    if backend not in BACKENDS:
+        raise DistributedError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}.")
+    found = detect(env)
+    explicit = [v is not None for v in (coordinator, num_processes, process_id)]
+    if any(explicit):
+        if not all(explicit) and not (num_processes == 1 and process_id in (None, 0)):
+            raise DistributedError(
+                "initialize() takes coordinator, num_processes and process_id together (or none, to read the "
+                f"environment); got coordinator={coordinator!r}, num_processes={num_processes}, "
+                f"process_id={process_id}."
+            )
+        n, rank = int(num_processes or 1), int(process_id or 0)
+        if n < 1 or not 0 <= rank < n:
+            raise DistributedError(f"process_id={rank} must be in 0..num_processes-1 (num_processes={n}).")
+        found = ProcessEnv(n, rank, found.local_rank, found.local_world_size, coordinator, "explicit")
+    if _state["env"] is not None:
+        if (_state["env"].num_processes, _state["env"].process_id) != (found.num_processes, found.process_id):
+            raise DistributedError(
+                f"initialize() was already called as {_state['env'].describe()}; it cannot rejoin as "
+                f"{found.describe()}."
+            )
+        return _state["env"]
+    if _client() is not None:  # the user started jax.distributed themselves: adopt it
+        _state["env"] = ProcessEnv(jax.process_count(), jax.process_index(), source="jax.distributed")
+        return _state["env"]
+    from jax._src import xla_bridge
+
+    if backend == "gloo":
+        if xla_bridge.backends_are_initialized() and jax.default_backend() != "cpu":
+            raise DistributedError(
+                f"backend='gloo' needs CPU devices, but JAX already runs on {jax.default_backend()}."
+            )
+        jax.config.update("jax_platforms", "cpu")
+    if found.num_processes > 1:
+        if xla_bridge.backends_are_initialized():
+            raise DistributedError(
+                f"dsjax.distributed.initialize() was called after JAX started its devices (jax.devices(), an "
+                f"array or a jit ran first); as {found.describe()} it must run before any of those. Call it first "
+                "thing in the program (python -m dsjax.train does)."
+            )
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        timeout = float(os.environ.get("DSJAX_PEER_TIMEOUT", DEFAULT_PEER_TIMEOUT_S))
+        timeout = timeout if peer_timeout_s is None else float(peer_timeout_s)
+        if timeout <= 0:
+            raise DistributedError(f"the peer timeout must be positive seconds, got {timeout}.")
+        if local_device_ids is None and found.local_world_size > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+            local_device_ids = [found.local_rank]  # one GPU per process on a shared host (ignored on CPUs)
+        try:
+            jax.distributed.initialize(
+                found.coordinator,
+                found.num_processes,
+                found.process_id,
+                local_device_ids=local_device_ids,
+                cluster_detection_method="deactivate",
+                initialization_timeout=init_timeout_s,
+                # XLA's own check fires only after ours, which names the process that went missing.
+                heartbeat_timeout_seconds=int(timeout) + 30,
+            )
+        except Exception as err:
+            raise DistributedError(
+                f"joining the job as {found.describe()} failed: {type(err).__name__}: {err}"
+            ) from err
+        _state["watch"] = PeerWatch(found, timeout)
+    _state["env"] = found
+    if backend == "nccl" and jax.default_backend() != "gpu":
+        raise DistributedError(f"backend='nccl' needs GPUs, but this process has {jax.default_backend()} devices.")
+    return found
+
+
+def is_primary() -> bool:
+    """Whether this is process 0, the one that writes the run's shared files."""
+    return jax.process_index() == 0
+
+
+_syncs: dict[str, int] = {}
+
+
+def sync(name: str, timeout_s: float = 600.0) -> None:
+    """Return once every process has called sync(name) as often as this one (a no-op for one process);
+    a DistributedError after `timeout_s` names the barrier. Used around files that process 0 alone writes."""
+    if jax.process_count() == 1:
+        return
+    _syncs[name] = _syncs.get(name, 0) + 1
+    key = f"dsjax-{name}-{_syncs[name]}"
+    try:
+        _client().wait_at_barrier(key, int(timeout_s * 1000))
+    except Exception as err:
+        raise DistributedError(f"not every process reached {key!r} within {timeout_s:g} s: {err}") from err
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dead peers
+
+
+class PeerWatch:
+    """Exits this process (PEER_LOST_EXIT_CODE, with a message naming the peer) when another process of the
+    job stops bumping its liveness counter for `timeout_s`, or posts that it failed."""
+
+    def __init__(self, env: ProcessEnv, timeout_s: float, exit: Callable[[int], None] = os._exit):
+        self.env, self.timeout_s, self._exit = env, timeout_s, exit
+        self.interval = min(1.0, timeout_s / 5)
+        self._beats = 0
+        self._stop = threading.Event()
+        self._key = f"dsjax/alive/{env.process_id}"
+        threading.Thread(target=self._loop, name="dsjax-peer-watch", daemon=True).start()
+        atexit.register(self.close)
+
+    def _post(self, value: str) -> None:
+        _client().key_value_set(self._key, value, allow_overwrite=True)
+
+    def fail(self, message: str) -> None:
+        """Tell the other processes that this one is ending with an error (they exit, quoting it)."""
+        with contextlib.suppress(Exception):  # the service is gone already: the others find out without us
+            self._post("failed:" + message[:2000])
+
+    def close(self) -> None:
+        """A normal exit: the others stop expecting this process's beats."""
+        if not self._stop.is_set():
+            self._stop.set()
+            with contextlib.suppress(Exception):
+                self._post("exited")
+
+    def _lost(self, message: str) -> None:
+        print(f"dsjax: {message}", file=sys.stderr, flush=True)
+        self._exit(PEER_LOST_EXIT_CODE)
+
+    def _loop(self) -> None:
+        n, me = self.env.num_processes, self.env.process_id
+        last_value: dict[int, str] = {}
+        last_change = {p: time.monotonic() for p in range(n) if p != me}
+        while not self._stop.is_set():
+            try:
+                self._beats += 1
+                self._post(str(self._beats))
+                values = {int(k.rsplit("/", 1)[1]): v for k, v in _client().key_value_dir_get("dsjax/alive/")}
+            except Exception as err:
+                if self._stop.is_set():
+                    return
+                self._lost(
+                    f"lost the coordination service at {self.env.coordinator} (hosted by process 0): process 0 "
+                    f"died or is unreachable ({type(err).__name__}: {str(err).splitlines()[0][:200]}). This "
+                    f"process ({me} of {n}) is stopping."
+                )
+                return
+            now = time.monotonic()
+            for p in last_change:
+                value = values.get(p)
+                if value is None:
+                    continue  # not started its watch yet: judged from the first beat on
+                if value.startswith("failed:"):
+                    self._lost(f"process {p} of {n} failed: {value[7:]} This process ({me}) is stopping too.")
+                    return
+                if value == "exited" or value != last_value.get(p):
+                    last_value[p], last_change[p] = value, now
+                elif now - last_change[p] > self.timeout_s:
+                    self._lost(
+                        f"process {p} of {n} has not been heard from for {now - last_change[p]:.0f} s (peer "
+                        f"timeout {self.timeout_s:g} s, DSJAX_PEER_TIMEOUT): it died or hangs. This process "
+                        f"({me}) is stopping; restart the job (it resumes from its last checkpoint)."
+                    )
+                    return
+            self._stop.wait(self.interval)
+
+
+def report_failure(message: str) -> None:
+    """Tell the other processes that this one is ending with `message` (no-op for a single process)."""
+    watch = _state["watch"]
+    if watch is not None:
+        watch.fail(message)
+
+
+_PEER_GONE = re.compile(r"connection (closed|reset)|broken pipe|gloo|nccl|socket closed", re.IGNORECASE)
+
+
+def await_lost_peer(err: BaseException) -> None:
+    """If `err` looks like a collective that failed because a peer vanished (Gloo reports a closed
+    connection without saying whose), wait for the liveness watch to name the missing process and end
+    this one (at most the peer timeout); return at once otherwise, or when no peer turns out missing."""
+    watch = _state["watch"]
+    if watch is None or not _PEER_GONE.search(f"{type(err).__name__} {err}"):
+        return
+    print(
+        f"dsjax: a collective failed ({str(err).splitlines()[0][:200]}); waiting up to {watch.timeout_s:g} s "
+        "to learn which process is gone.",
+        file=sys.stderr,
+        flush=True,
+    )
+    time.sleep(watch.timeout_s + 3 * watch.interval)
+
+
+def end_after_failure(code: int, linger_s: float = 2.0) -> None:
+    """Leave a multi-process job at once after an error this process already reported: skip JAX's
+    shutdown barrier, which would wait for peers that are now stopping themselves. `linger_s` gives their
+    watches time to read the report before process 0's coordination service goes away."""
+    if _state["watch"] is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if jax.process_index() == 0:
+            time.sleep(linger_s)
+        os._exit(code)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Collectives over processes, or over a mesh axis inside jax.shard_map
+
+
+def _check_op(op: str) -> None:
+    if op not in OPS:
+        raise DistributedError(f"op={op!r} is not one of {', '.join(OPS)}.")
+
+
+def _reduce(x, op: str, axis: str):
+    if op == "mean" and not jnp.issubdtype(x.dtype, jnp.inexact):
+        raise DistributedError(f"op='mean' needs a floating dtype; got {x.dtype} (use 'sum').")
+    return {"sum": jax.lax.psum, "mean": jax.lax.pmean, "max": jax.lax.pmax, "min": jax.lax.pmin}[op](x, axis)
+
+
+class CommContext:
+    """Rank, world size and collectives over the processes of the job (`axis=None`) or over one named
+    mesh axis inside `jax.shard_map` (`axis="data"`, say). The verbs mean the same in both:
+
+      all_reduce(x, op)      every member gets op over the members' x (op: sum, mean, max, min)
+      all_gather(x)          every member gets the stack of all x: (world, *x.shape), member order
+      reduce_scatter(x, op)  op over the members' x, split along dim 0: member r gets chunk r
+      broadcast(x, src)      every member gets member src's x
+      barrier()              returns once every member has called it (processes only)
+
+    Over processes each member passes a same-shaped array and gets a jax.Array on its first local device;
+    the collective runs as an XLA program over one device per process, so it travels over NCCL or Gloo.
+    """
+
+    def __init__(self, backend: str = "auto", axis: str | None = None, barrier_timeout_s: float = 300.0):
+        if backend not in BACKENDS:
+            raise DistributedError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}.")
+        self.axis, self.barrier_timeout_s = axis, barrier_timeout_s
+        self._barriers = 0
+        self._programs: dict = {}
+        self._checked: set = set()
+        if axis is not None:
+            return
+        platform = jax.default_backend()
+        if backend == "nccl" and platform != "gpu":
+            raise DistributedError(f"backend='nccl' needs GPUs; this process's devices are {platform}.")
+        if backend == "gloo" and platform != "cpu":
+            raise DistributedError(f"backend='gloo' runs on CPU devices; this process's devices are {platform}.")
+        self.backend = {"gpu": "nccl", "cpu": "gloo"}.get(platform, platform) if backend == "auto" else backend
+        firsts = {}
+        for d in jax.devices():
+            firsts.setdefault(d.process_index, d)
+        self.devices = [firsts[p] for p in sorted(firsts)]
+        self.mesh = jax.make_mesh(
+            (len(self.devices),), ("process",), devices=self.devices, axis_types=(jax.sharding.AxisType.Auto,)
+        )
+        self.device = self.devices[jax.process_index()]
+
+    # -- who am I -------------------------------------------------------------------------------------
+
+    def get_rank(self):
+        return jax.lax.axis_index(self.axis) if self.axis else jax.process_index()
+
+    def get_world_size(self):
+        return jax.lax.axis_size(self.axis) if self.axis else jax.process_count()
+
+    def get_local_rank(self) -> int:
+        if self.axis:
+            raise DistributedError("get_local_rank() is a process notion; a mesh-axis CommContext has no hosts.")
+        return process_env().local_rank
+
+    # -- verbs ----------------------------------------------------------------------------------------
+
+    def all_reduce(self, x, op: str = "sum"):
+        _check_op(op)
+        return self._run("all_reduce", x, op=op)
+
+    def all_gather(self, x):
+        return self._run("all_gather", x)
+
+    def reduce_scatter(self, x, op: str = "sum"):
+        _check_op(op)
+        n = self.get_world_size() if not self.axis else None
+        shape = np.shape(x)
+        if not shape:
+            raise DistributedError("reduce_scatter needs an array with a leading dimension to split; got a scalar.")
+        if n is not None and shape[0] % n:
+            raise DistributedError(
+                f"reduce_scatter splits dimension 0 ({shape[0]}) over {n} processes; it must be a multiple of {n}."
+            )
+        return self._run("reduce_scatter", x, op=op)
+
+    def broadcast(self, x, src: int = 0):
+        n = jax.process_count() if not self.axis else None
+        if n is not None and not 0 <= src < n:
+            raise DistributedError(f"broadcast src={src} is not a process of this job (0..{n - 1}).")
+        return self._run("broadcast", x, src=src)
+
+    def barrier(self, name: str = "") -> None:
+        """Wait until every process has called barrier() (the n-th call meets the n-th call elsewhere),
+        at most barrier_timeout_s; a DistributedError names the timeout otherwise."""
+        if self.axis:
+            raise DistributedError("barrier() synchronises processes; inside shard_map there is nothing to wait for.")
+        self._barriers += 1
+        if jax.process_count() == 1:
+            return
+        key = f"dsjax-barrier-{name}-{self._barriers}"
+        try:
+            _client().wait_at_barrier(key, int(self.barrier_timeout_s * 1000))
+        except Exception as err:
+            raise DistributedError(
+                f"barrier {key!r} was not reached by every process within {self.barrier_timeout_s:g} s: {err}"
+            ) from err
+
+    # -- the programs ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _body(verb: str, axis: str, op: str | None, src: int | None, n: int | None):
+        """The per-member computation of `verb`, on that member's block."""
+
+        def body(x):
+            if verb == "all_reduce":
+                return _reduce(x, op, axis)
+            if verb == "all_gather":
+                return jax.lax.all_gather(x, axis)
+            if verb == "reduce_scatter":
+                if op in ("sum", "mean"):
+                    out = jax.lax.psum_scatter(x, axis, scatter_dimension=0, tiled=True)
+                    return out / jax.lax.axis_size(axis) if op == "mean" else out
+                full = _reduce(x, op, axis)
+                chunk = x.shape[0] // jax.lax.axis_size(axis)
+                return jax.lax.dynamic_slice_in_dim(full, jax.lax.axis_index(axis) * chunk, chunk)
+            # broadcast: only src contributes, a sum then carries its value to everyone
+            mine = jax.lax.axis_index(axis) == src
+            if x.dtype == jnp.bool_:
+                return jax.lax.psum(jnp.where(mine, x, False).astype(jnp.int32), axis).astype(jnp.bool_)
+            return jax.lax.psum(jnp.where(mine, x, jnp.zeros_like(x)), axis)
+
+        return body
+
+    def _run(self, verb: str, x, op: str | None = None, src: int | None = None):
+        if self.axis:
+            if op == "mean" and not jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact):
+                raise DistributedError(f"op='mean' needs a floating dtype; got {jnp.asarray(x).dtype} (use 'sum').")
+            if verb == "reduce_scatter" and x.shape[0] % jax.lax.axis_size(self.axis):
+                raise DistributedError(
+                    f"reduce_scatter splits dimension 0 ({x.shape[0]}) over mesh axis {self.axis!r} of size "
+                    f"{jax.lax.axis_size(self.axis)}; it must be a multiple of it."
+                )
+            return self._body(verb, self.axis, op, src, None)(x)
+        x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+        if op == "mean" and not jnp.issubdtype(x.dtype, jnp.inexact):
+            raise DistributedError(f"op='mean' needs a floating dtype; got {x.dtype} (use 'sum').")
+        self._agree(verb, x, op, src)
+        n = len(self.devices)
+        key = (verb, op, src, x.shape, x.dtype)
+        if key not in self._programs:
+            body = self._body(verb, "process", op, src, n)
+            out_spec = P("process") if verb == "reduce_scatter" else P()
+
+            def program(stacked):  # (n, *shape), one row per process
+                return jax.shard_map(
+                    lambda b: body(b[0])[None] if verb == "reduce_scatter" else body(b[0]),
+                    mesh=self.mesh,
+                    in_specs=P("process"),
+                    out_specs=out_spec,
+                    check_vma=False,  # all_gather's result is the same everywhere, which vma typing cannot see
+                )(stacked)
+
+            self._programs[key] = jax.jit(program)
+        local = jax.device_put(x[None], self.device)
+        stacked = jax.make_array_from_single_device_arrays(
+            (n, *x.shape), NamedSharding(self.mesh, P("process")), [local]
+        )
+        out = self._programs[key](stacked)
+        block = out.addressable_data(0)
+        return block[0] if verb == "reduce_scatter" else block
+
+    def _agree(self, verb: str, x, op: str | None, src: int | None) -> None:
+        """The first time this process runs a given (verb, shape, dtype, op, src), check that every other
+        process runs the same one; a mismatch would otherwise hang or corrupt the collective. Later calls
+        of a signature are not checked (that would cost a round trip to the coordinator per collective):
+        a process that repeats a known signature while another runs a new one is caught on the other
+        side, which times out after barrier_timeout_s naming the process."""
+        n = jax.process_count()
+        signature = f"{verb}(shape={tuple(x.shape)}, dtype={x.dtype}, op={op}, src={src})"
+        if n == 1 or signature in self._checked:
+            return
+        client = _client()
+        tag = f"dsjax/comm/{len(self._checked)}"
+        client.key_value_set(f"{tag}/{jax.process_index()}", signature, allow_overwrite=True)
+        theirs = {}
+        for p in range(n):
+            try:
+                theirs[p] = client.blocking_key_value_get(f"{tag}/{p}", int(self.barrier_timeout_s * 1000))
+            except Exception as err:
+                raise DistributedError(
+                    f"process {p} did not reach the collective {signature} within {self.barrier_timeout_s:g} s: {err}"
+                ) from err
+        differ = {p: s for p, s in theirs.items() if s != signature}
+        if differ:
+            listed = "; ".join(f"process {p}: {s}" for p, s in differ.items())
+            raise DistributedError(
+                f"processes disagree on a collective: process {jax.process_index()} calls {signature}, but {listed}."
+            )
+        self._checked.add(signature)

@@ -1,0 +1,294 @@
+"""dsjax.distributed in one process: reading the job from the environment, start-up errors, CommContext
+with one process and its verbs inside shard_map over a simulated mesh, and dsjax.jit.
+Real multi-process jobs are in tests/test_multiprocess.py."""
+
+import logging
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import dsjax as ds
+from dsjax import distributed as dd
+from dsjax import launch
+
+TORCHRUN = {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading the environment
+
+
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ({}, dd.ProcessEnv(1, 0)),
+        (TORCHRUN, dd.ProcessEnv(4, 2, 0, 4, "10.0.0.1:29500", "torchrun")),
+        (
+            {**TORCHRUN, "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1"},
+            dd.ProcessEnv(4, 2, 1, 2, "10.0.0.1:29500", "torchrun"),
+        ),
+        (
+            {"JOB_COMPLETION_INDEX": "3", "WORLD_SIZE": "8", "MASTER_ADDR": "job-0.svc", "MASTER_PORT": "1234"},
+            dd.ProcessEnv(8, 3, 0, 1, "job-0.svc:1234", "kubernetes"),
+        ),
+        (
+            {
+                "SLURM_JOB_ID": "4242",
+                "SLURM_STEP_NUM_TASKS": "16",
+                "SLURM_PROCID": "9",
+                "SLURM_LOCALID": "1",
+                "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
+                "SLURM_STEP_NODELIST": "gpu[007-008,011]",
+            },
+            dd.ProcessEnv(16, 9, 1, 8, f"gpu007:{dd.DEFAULT_PORT + 242}", "slurm"),
+        ),
+        (
+            {
+                "OMPI_COMM_WORLD_SIZE": "2",
+                "OMPI_COMM_WORLD_RANK": "1",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+                "MASTER_ADDR": "head",
+                "MASTER_PORT": "5000",
+            },
+            dd.ProcessEnv(2, 1, 1, 2, "head:5000", "openmpi"),
+        ),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, dd.ProcessEnv(1, 0, 0, 1, None, "slurm")),
+    ],
+    ids=["none", "torchrun", "torchrun-local", "kubernetes", "slurm", "openmpi", "slurm-one-task"],
+)
+def test_detect_reads_each_convention(env, want):
+    got = dd.detect(env)
+    if want.source == "slurm" and want.num_processes == 1:
+        assert (got.num_processes, got.process_id, got.source) == (1, 0, "slurm")
+    else:
+        assert got == want
+
+
+@pytest.mark.parametrize(
+    "env, words",
+    [
+        ({"WORLD_SIZE": "2", "RANK": "0"}, ["MASTER_ADDR", "MASTER_PORT"]),
+        ({**TORCHRUN, "RANK": "4"}, ["rank 4", "0..3"]),
+        ({**TORCHRUN, "WORLD_SIZE": "two"}, ["WORLD_SIZE='two'", "integer"]),
+        ({**TORCHRUN, "MASTER_PORT": "70000"}, ["70000", "1..65535"]),
+        (
+            {**TORCHRUN, "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "1", "SLURM_STEP_NODELIST": "n1"},
+            ["two different jobs", "torchrun", "slurm"],
+        ),
+        (
+            {"JOB_COMPLETION_INDEX": "1", "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"},
+            ["RANK=0", "JOB_COMPLETION_INDEX=1"],
+        ),
+        ({"JOB_COMPLETION_INDEX": "1"}, ["Kubernetes", "WORLD_SIZE"]),
+        ({"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "1"}, ["SLURM_STEP_NODELIST"]),
+    ],
+    ids=["missing", "rank-range", "not-int", "port", "two-jobs", "k8s-rank", "k8s-missing", "slurm-nodes"],
+)
+def test_inconsistent_environments_are_named(env, words):
+    with pytest.raises(dd.DistributedError) as err:
+        dd.detect(env)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_first_slurm_host():
+    assert dd.first_slurm_host("node17") == "node17"
+    assert dd.first_slurm_host("gpu[003-005,9],cpu1") == "gpu003"
+    assert dd.first_slurm_host("a-b[10,12]") == "a-b10"
+
+
+def test_initialize_after_jax_started_is_an_error():
+    jax.devices()  # JAX's backends are up in this test process
+    with pytest.raises(dd.DistributedError, match="after JAX started its devices"):
+        dd.initialize("127.0.0.1:1", 2, 0)
+    with pytest.raises(dd.DistributedError, match="backend='mpi'"):
+        dd.initialize(backend="mpi")
+    with pytest.raises(dd.DistributedError, match="together"):
+        dd.initialize(coordinator="127.0.0.1:1")
+    assert dd.initialize(env={}) == dd.ProcessEnv(1, 0)  # a single process needs no coordinator
+    with pytest.raises(dd.DistributedError, match="needs GPUs"):
+        dd.CommContext(backend="nccl")
+
+
+# ----------------------------------------------------------------------------------------------------
+# CommContext with one process, and inside shard_map
+
+
+def test_one_process_comm_context_is_the_identity_with_checks():
+    comm = ds.CommContext()
+    assert (comm.get_rank(), comm.get_world_size(), comm.get_local_rank(), comm.backend) == (0, 1, 0, "gloo")
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    for op in dd.OPS:
+        np.testing.assert_array_equal(comm.all_reduce(x, op), x)
+        np.testing.assert_array_equal(comm.reduce_scatter(x, op), x)
+    np.testing.assert_array_equal(comm.all_gather(x), x[None])
+    np.testing.assert_array_equal(comm.broadcast(x, 0), x)
+    comm.barrier()
+    with pytest.raises(dd.DistributedError, match="op='prod'"):
+        comm.all_reduce(x, "prod")
+    with pytest.raises(dd.DistributedError, match="floating dtype"):
+        comm.all_reduce(np.arange(3), "mean")
+    with pytest.raises(dd.DistributedError, match="src=1"):
+        comm.broadcast(x, 1)
+    with pytest.raises(dd.DistributedError, match="scalar"):
+        comm.reduce_scatter(np.float32(1.0))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.int32, jnp.bfloat16])
+def test_verbs_inside_shard_map_match_numpy(dtype):
+    """The same verbs over a mesh axis of 4 simulated devices (another axis of 2 left alone)."""
+    mesh = jax.make_mesh((2, 4), ("other", "data"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    comm = ds.CommContext(axis="data")
+    x = (np.arange(2 * 4 * 8 * 3) % 11 - 4).reshape(2, 4, 8, 3).astype(np.float32)  # (other, data, 8, 3)
+    ops = [op for op in dd.OPS if not (op == "mean" and dtype == jnp.int32)]
+
+    def body(block):  # block: (1, 1, 8, 3)
+        v = block[0, 0]
+        out = {"rank": jnp.full((1, 1), comm.get_rank()), "size": jnp.full((1, 1), comm.get_world_size())}
+        for op in ops:
+            out[f"all_reduce_{op}"] = comm.all_reduce(v, op)[None, None]
+            out[f"reduce_scatter_{op}"] = comm.reduce_scatter(v, op)[None, None]
+        out["all_gather"] = comm.all_gather(v)[None, None]
+        out["broadcast"] = comm.broadcast(v, 2)[None, None]
+        return out
+
+    spec = P("other", "data")
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+    with jax.set_mesh(mesh):
+        got = jax.device_get(f(jnp.asarray(x, dtype)))
+    v = np.asarray(jnp.asarray(x, dtype)).astype(np.float64)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-6
+    np.testing.assert_array_equal(got["rank"], np.broadcast_to(np.arange(4), (2, 4)))
+    np.testing.assert_array_equal(got["size"], 4)
+    reducers = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min}
+    for op in ops:
+        full = reducers[op](v, axis=1)  # (other, 8, 3)
+        want = np.broadcast_to(full[:, None], v.shape)
+        np.testing.assert_allclose(got[f"all_reduce_{op}"].astype(np.float64), want, rtol=tol, atol=tol)
+        chunks = full.reshape(2, 4, 2, 3)  # member r gets rows 2r, 2r+1
+        np.testing.assert_allclose(got[f"reduce_scatter_{op}"].astype(np.float64), chunks, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(got["all_gather"].astype(np.float64), np.broadcast_to(v[:, None], (2, 4, 4, 8, 3)))
+    np.testing.assert_array_equal(got["broadcast"].astype(np.float64), np.broadcast_to(v[:, 2:3], v.shape))
+
+
+def test_axis_reduce_scatter_needs_a_divisible_dimension():
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    comm = ds.CommContext(axis="data")
+    f = jax.shard_map(lambda b: comm.reduce_scatter(b[0])[None], mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+    with pytest.raises(dd.DistributedError, match=r"dimension 0 \(6\).*size 8"):
+        jax.jit(f)(jnp.zeros((8, 6)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# dsjax.jit
+
+
+def test_jit_compiles_once_per_signature_logs_and_warns(caplog):
+    logged: list[str] = []
+
+    @ds.jit(max_recompiles=1, log=logged.append)
+    def f(x, scale):
+        return (x * scale).sum()
+
+    for _ in range(3):
+        assert float(f(jnp.ones(4), 2.0)) == 8.0
+    assert f.compiles == 1 and len(logged) == 1 and "f compiled in" in logged[0]
+    f(jnp.ones(5), 2.0)
+    assert f.compiles == 2 and "(compile #2)" in logged[-1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        f(jnp.ones(6), 2.0)
+        f(jnp.ones(7), 2.0)
+    assert len([w for w in caught if "has compiled 3 times" in str(w.message)]) == 1  # warned once
+    assert f.compiles == 4
+
+
+def test_jit_binds_partition_specs_to_the_active_mesh():
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    g = ds.jit(lambda x: x * 2, in_shardings=P("data"), out_shardings=P("data"), log=lambda _: None)
+    with pytest.raises(ds.ConfigError, match="no mesh is active"):
+        g(jnp.ones(16))
+    with jax.set_mesh(mesh):
+        out = g(np.ones(16, np.float32))  # a host array: jit lays it out as in_shardings says
+    assert out.sharding.spec == P("data") and len(out.sharding.device_set) == 8
+    np.testing.assert_array_equal(out, 2 * np.ones(16))
+
+
+def test_jit_default_log_goes_to_the_dsjax_logger(caplog):
+    h = ds.jit(lambda x: x + 1, name="h")
+    with caplog.at_level(logging.INFO, logger="dsjax"):
+        logging.getLogger("dsjax").propagate = True
+        try:
+            h(jnp.ones(3))
+        finally:
+            logging.getLogger("dsjax").propagate = False
+    assert any("h compiled in" in r.getMessage() for r in caplog.records)
+
+
+CACHE_SCRIPT = """
+import sys, time
+import jax, jax.numpy as jnp
+import dsjax as ds
+ds.compilation_cache(sys.argv[1], min_compile_time_s=0)
+times = []
+@ds.jit(log=lambda m: times.append(m))
+def deep(x):
+    for i in range(300):  # unrolled: a program that takes a while to compile
+        x = jnp.tanh(x @ x.T + i) @ x
+    return x
+deep(jnp.ones((8, 8)))
+print("compile", times[0].split(" in ")[1].split(" s")[0], ds.compiling.cache_hits(), flush=True)
+"""
+
+
+def test_a_second_process_loads_from_the_persistent_cache(tmp_path):
+    script = tmp_path / "cache.py"
+    script.write_text(CACHE_SCRIPT)
+    runs = []
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "xla")], capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        line = next(x for x in out.stdout.splitlines() if x.startswith("compile"))
+        runs.append((float(line.split()[1]), int(line.split()[2])))
+    (cold, cold_hits), (warm, warm_hits) = runs
+    assert cold_hits == 0 and warm_hits >= 1
+    assert warm < 0.5 * cold, runs
+    assert any((tmp_path / "xla").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The launcher's flags
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--nproc=0"], ["--nproc", "at least 1"]),
+        (["--nproc=2", "--min-nproc=3"], ["--min-nproc=3", "--nproc=2"]),
+        (["--nproc=2", "--max-restarts=-1"], ["--max-restarts"]),
+        (["--nproc=2", "--cpu-devices-per-proc=0"], ["--cpu-devices-per-proc"]),
+    ],
+)
+def test_launcher_flags_are_checked(argv, words):
+    with pytest.raises(launch.LaunchError) as err:
+        launch.parse(argv)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_launcher_gives_train_one_run_directory_and_the_env_contract():
+    args, rest = launch.parse(["--nproc=3", "--cpu-devices-per-proc=2", "--", "--preset=tiny"])
+    assert rest[0] == "--preset=tiny" and rest[1].startswith("--out=runs/")
+    envs = launch.process_envs(args, 3, 12345, attempt=1)
+    for rank, env in enumerate(envs):
+        assert dd.detect(env) == dd.ProcessEnv(3, rank, rank, 3, "127.0.0.1:12345", "torchrun")
+        assert (env["JAX_NUM_CPU_DEVICES"], env["JAX_PLATFORMS"], env["DSJAX_RESTART"]) == ("2", "cpu", "1")
