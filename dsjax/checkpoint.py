@@ -466,7 +466,8 @@ class Preemption:
 
     def agreed(self) -> bool:
         """Whether any process was asked to stop. Multi-process runs agree on it with one small collective,
-        so every process saves the same step."""
+        so every process saves the same step; every process must call this at the same steps (the
+        training loop asks at its log steps)."""
         if jax.process_count() == 1:
             return self.requested is not None
         from jax.experimental import multihost_utils

@@ -577,29 +577,29 @@ class CommContext:
         if op == "mean" and not jnp.issubdtype(x.dtype, jnp.inexact):
             raise DistributedError(f"op='mean' needs a floating dtype; got {x.dtype} (use 'sum').")
         self._agree(verb, x, op, src)
-        n = len(self.devices)
+        n, scalar = len(self.devices), x.ndim == 0
+        x = x.reshape(1) if scalar else x
         key = (verb, op, src, x.shape, x.dtype)
         if key not in self._programs:
             body = self._body(verb, "process", op, src, n)
-            out_spec = P("process") if verb == "reduce_scatter" else P()
-
-            def program(stacked):  # (n, *shape), one row per process
-                return jax.shard_map(
-                    lambda b: body(b[0])[None] if verb == "reduce_scatter" else body(b[0]),
+            self._programs[key] = jax.jit(
+                jax.shard_map(
+                    body,
                     mesh=self.mesh,
                     in_specs=P("process"),
-                    out_specs=out_spec,
+                    out_specs=P("process") if verb == "reduce_scatter" else P(),
                     check_vma=False,  # all_gather's result is the same everywhere, which vma typing cannot see
-                )(stacked)
-
-            self._programs[key] = jax.jit(program)
-        local = jax.device_put(x[None], self.device)
-        stacked = jax.make_array_from_single_device_arrays(
-            (n, *x.shape), NamedSharding(self.mesh, P("process")), [local]
+                )
+            )
+        # The processes' arrays, end to end along dim 0, form one global array: no copy of x is made.
+        local = x if x.devices() == {self.device} else jax.device_put(x, self.device)
+        joined = jax.make_array_from_single_device_arrays(
+            (n * x.shape[0], *x.shape[1:]), NamedSharding(self.mesh, P("process")), [local]
         )
-        out = self._programs[key](stacked)
-        block = out.addressable_data(0)
-        return block[0] if verb == "reduce_scatter" else block
+        block = self._programs[key](joined).addressable_data(0)
+        if scalar:
+            return block.reshape(n) if verb == "all_gather" else block.reshape(())
+        return block
 
     def _agree(self, verb: str, x, op: str | None, src: int | None) -> None:
         """The first time this process runs a given (verb, shape, dtype, op, src), check that every other

@@ -10,8 +10,9 @@ output line is prefixed with its rank. When a process exits non-zero, the others
 the whole job starts again (it resumes from its latest checkpoint), up to --max-restarts times. With
 --min-nproc below --nproc the job is elastic: a process that died of a signal (killed, crashed) is taken
 to have lost its slot, and the job restarts with one process fewer, never below --min-nproc; the
-checkpoint is restored onto the smaller mesh. A bad config (exit 2) is not retried. SIGTERM / SIGINT to
-the launcher are passed on: the processes save a checkpoint and the launcher exits with their code.
+checkpoint is restored onto the smaller mesh. A bad config (exit 2) is not retried, nor a job whose
+processes were preempted (exit 75, after their checkpoint). SIGTERM / SIGINT to the launcher are passed
+on: the processes save a checkpoint and the launcher exits with their code.
 
 The arguments after `--` go to `python -m dsjax.train` (or to --run=MODULE / --run=script.py). For
 dsjax.train without --out the launcher chooses runs/<time>-launch, so that restarts resume one directory.
@@ -167,8 +168,12 @@ class Job:
         at the moment of the first failure (None: still running then) and the ranks that had failed."""
         while True:
             codes = [p.poll() for p in self.procs]
-            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed or all(c == 0 for c in codes):
+            # A preempted process (75) is not a failure: the others are saving the same step, let them.
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0, PREEMPTED_EXIT_CODE)]
+            if failed:
+                break
+            if all(c is not None for c in codes):
+                failed = [r for r, c in enumerate(codes) if c != 0]
                 break
             if stop.is_set():  # a signal to the launcher: the processes got it too; wait for them
                 for p in self.procs:
@@ -227,6 +232,9 @@ def launch(args: argparse.Namespace, rest: list[str]) -> int:
                 code = next((codes[r] for r in failed if codes[r] and codes[r] > 0), 128 + received[0])
                 say(f"stopped by {signal.Signals(received[0]).name} ({listed})")
                 return code
+            if all(codes[r] == PREEMPTED_EXIT_CODE for r in failed):
+                say(f"the job was preempted and saved its checkpoint ({listed}); not restarting.")
+                return PREEMPTED_EXIT_CODE
             if any(codes[r] == CONFIG_EXIT_CODE for r in failed):
                 say(f"a process rejected its configuration ({listed}); not restarting.")
                 return CONFIG_EXIT_CODE

@@ -367,6 +367,13 @@ def fit(
         )
         window_start, window_first = now, latest[0] + 1
 
+    several = jax.process_count() > 1
+
+    def preemption_due(step: int) -> bool:
+        """Whether to ask about a stop signal after `step`: every step in one process (a local flag); in a
+        job, where agreeing is a collective, at log steps only, where the loop waits for the device anyway."""
+        return not several or (step + 1) % t.log_every == 0 or step + 1 == t.steps
+
     def train_from(first: int) -> None:
         """Steps first, ..., train.steps - 1, reporting each; raises _NonFinite (with rollback on)."""
         nonlocal window_start, window_first
@@ -381,7 +388,7 @@ def fit(
             while len(pending) > lag:
                 report_pending(pending)
             bar.update(1)
-            if preemption is not None and checkpointer is not None and preemption.agreed():
+            if preemption is not None and checkpointer is not None and preemption_due(step) and preemption.agreed():
                 while pending:
                     report_pending(pending)
                 if checkpointer.save(run.state, checkpoint_meta(run)):
@@ -389,7 +396,8 @@ def fit(
                 else:
                     where = "saved no checkpoint (the state is not finite)"
                 checkpointer.wait()
-                raise Preempted(f"{preemption.requested} received: stopped after step {step + 1}, {where}.")
+                why = f"{preemption.requested} received" if preemption.requested else "another process was signalled"
+                raise Preempted(f"{why}: stopped after step {step + 1}, {where}.")
             if checkpointer is not None and checkpointer.due(step + 1) and step + 1 != t.steps:
                 checkpointer.save(run.state, checkpoint_meta(run))
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 != t.steps:

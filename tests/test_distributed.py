@@ -104,7 +104,8 @@ def test_first_slurm_host():
     assert dd.first_slurm_host("a-b[10,12]") == "a-b10"
 
 
-def test_initialize_after_jax_started_is_an_error():
+def test_initialize_after_jax_started_is_an_error(monkeypatch):
+    monkeypatch.setattr(dd, "_state", {"env": None, "watch": None})  # as if no earlier test had called it
     jax.devices()  # JAX's backends are up in this test process
     with pytest.raises(dd.DistributedError, match="after JAX started its devices"):
         dd.initialize("127.0.0.1:1", 2, 0)

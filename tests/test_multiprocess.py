@@ -164,6 +164,26 @@ def test_kill_9_of_a_worker_restarts_the_job(reference, tmp_path, elastic):
     assert final["samples"] == STEPS * BATCH  # every sample once: the data position ends where a clean run's does
 
 
+def test_sigterm_to_one_process_stops_the_job_at_one_agreed_step(tmp_path):
+    """SIGTERM to rank 1 only: both processes agree (at a log step) on the step to stop after, save that
+    checkpoint together and exit 75; the launcher does not restart a preempted job, and the same command
+    resumes from that checkpoint."""
+    out = tmp_path / "job"
+    args = ["--nproc=2", "--cpu-devices-per-proc=1", "--", f"--out={out}", *TRAIN, "--train.log_every=3"]
+    proc = launch(*args, "--train.steps=100000")  # the last value of a flag wins
+    wait_for(lambda: has_checkpoint(out, EVERY) or proc.poll() is not None, "checkpoint 4")
+    os.kill(workers(proc.pid)[1], signal.SIGTERM)
+    log, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 75, log[-3000:]
+    stops = {line.split("stopped after step ")[1].split(",")[0] for line in log.splitlines() if "after step" in line}
+    assert len(stops) == 1, log[-3000:]  # both ranks name the same step
+    stop = int(stops.pop())
+    assert stop % 3 == 0 and has_checkpoint(out, stop)  # agreed at a log step, saved with its manifest
+    assert "not restarting" in log and "another process was signalled" in log
+    again = finish(launch(*args, f"--train.steps={stop + 2}"))
+    assert f"restored {out / 'checkpoints' / str(stop)} (step {stop}," in again
+
+
 def test_a_dead_peer_outside_a_launcher_ends_the_others_within_the_bound(tmp_path):
     """Two processes started by hand (torchrun-style variables); rank 1 is killed; rank 0 exits non-zero
     within the peer timeout, with a message that names process 1."""
