@@ -185,13 +185,22 @@ class Checkpointer:
 
     # -- saving ---------------------------------------------------------------------------------------
 
-    def due(self, step: int) -> bool:
-        """Whether the regular schedule (every N steps, every M minutes) asks for a save at `step`."""
+    def due(self, step: int, clock: bool = True) -> bool:
+        """Whether the regular schedule (every N steps, every M minutes) asks for a save at `step`. The
+        minutes are looked at only when `clock`; in a multi-process job the processes then agree (one
+        small collective: any process's clock decides), so every process must pass the same `clock`."""
         if step == self.last_saved:
             return False
         if self.cfg.every and step % self.cfg.every == 0:
             return True
-        return bool(self.cfg.every_minutes) and time.monotonic() - self._last_time >= 60 * self.cfg.every_minutes
+        if not (self.cfg.every_minutes and clock):
+            return False
+        late = time.monotonic() - self._last_time >= 60 * self.cfg.every_minutes
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            late = bool(np.max(multihost_utils.process_allgather(np.int32(late))))
+        return late
 
     def save(self, state, meta: dict) -> bool:
         """Save `state` as checkpoint `state.step` (asynchronously when configured); False, with a warning,

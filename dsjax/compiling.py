@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -35,12 +36,13 @@ if not logger.handlers:  # visible by default (notebooks, scripts); configure th
     logger.setLevel(logging.INFO)
     logger.propagate = False
 DEFAULT_CACHE = Path("~/.cache/dsjax/xla")
-_cache: dict = {"configured": False, "dir": None, "hits": 0}
+_cache: dict = {"configured": False, "dir": None}
+_hits = threading.local()  # per thread: a compile in another thread (a background warm-up) is not ours
 
 
 def _count_hit(event: str, **_kwargs) -> None:
     if event == "/jax/compilation_cache/cache_hits":
-        _cache["hits"] += 1
+        _hits.count = getattr(_hits, "count", 0) + 1
 
 
 jax.monitoring.register_event_listener(_count_hit)
@@ -74,8 +76,8 @@ def compilation_cache(directory: str | Path | None = None, min_compile_time_s: f
 
 
 def cache_hits() -> int:
-    """Programs this process has loaded from the persistent compilation cache so far."""
-    return _cache["hits"]
+    """Programs this thread has loaded from the persistent compilation cache so far."""
+    return getattr(_hits, "count", 0)
 
 
 def _has_spec(tree) -> bool:
@@ -118,10 +120,10 @@ class Jitted:
                 f"dsjax.jit({self.name}) was given PartitionSpec shardings but no mesh is active; run it inside "
                 "`with jax.set_mesh(mesh):` (or pass NamedShardings)."
             )
-        traces, hits, start = self._traces, _cache["hits"], time.perf_counter()
+        traces, hits, start = self._traces, cache_hits(), time.perf_counter()
         out = self._jitted(*args, **kwargs)
         if self._traces != traces:
-            self._compiled(time.perf_counter() - start, _cache["hits"] != hits, args, kwargs)
+            self._compiled(time.perf_counter() - start, cache_hits() != hits, args, kwargs)
         return out
 
     def _compiled(self, seconds: float, from_cache: bool, args, kwargs) -> None:
@@ -133,9 +135,10 @@ class Jitted:
             self._warned = True
             shapes = jax.tree.map(_signature, (args, kwargs))
             warnings.warn(
-                f"dsjax.jit: {self.name} has compiled {self.compiles} times (more than 1 + max_recompiles = "
-                f"{self.max_recompiles}); its argument shapes, dtypes or static arguments keep changing (latest: "
-                f"{shapes}). Pad to fixed shapes or mark the varying argument static only if it takes few values.",
+                f"dsjax.jit: {self.name} has compiled {self.compiles} times, more than its first compile plus "
+                f"max_recompiles={self.max_recompiles} recompiles; its argument shapes, dtypes or static "
+                f"arguments keep changing (latest: {shapes}). Pad to fixed shapes, or mark the varying "
+                "argument static only if it takes few values.",
                 RuntimeWarning,
                 stacklevel=3,
             )

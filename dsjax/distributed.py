@@ -48,9 +48,14 @@ DEFAULT_PEER_TIMEOUT_S = 60.0
 PEER_LOST_EXIT_CODE = 76  # a process ended because another one died or failed
 
 
-class DistributedError(ConfigError):
-    """The environment or arguments do not describe a consistent multi-process job, or a collective was
-    called with arguments it cannot take; the message names the variables or values."""
+class DistributedError(RuntimeError):
+    """A multi-process job could not start, or its processes did not meet (a barrier or collective
+    timed out, processes called different collectives); the message names the processes and the wait."""
+
+
+class JobConfigError(DistributedError, ConfigError):
+    """The environment or arguments do not describe a consistent job, or a collective was called with
+    arguments it cannot take; the message names the variables or values. A ConfigError: exit 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +87,9 @@ def _int(env: Mapping[str, str], name: str, low: int = 0) -> int:
     try:
         value = int(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise DistributedError(f"environment variable {name}={raw!r} is not an integer.") from None
+        raise JobConfigError(f"environment variable {name}={raw!r} is not an integer.") from None
     if value < low:
-        raise DistributedError(f"environment variable {name}={value} must be >= {low}.")
+        raise JobConfigError(f"environment variable {name}={value} must be >= {low}.")
     return value
 
 
@@ -92,7 +97,7 @@ def _require(env: Mapping[str, str], names: Sequence[str], convention: str) -> N
     missing = [n for n in names if not env.get(n)]
     if missing:
         have = ", ".join(f"{n}={env[n]}" for n in names if env.get(n))
-        raise DistributedError(
+        raise JobConfigError(
             f"the environment looks like a {convention} job ({have or 'partly set'}) but lacks "
             f"{', '.join(missing)}; set all of {', '.join(names)} (or none of them for a single process)."
         )
@@ -101,11 +106,11 @@ def _require(env: Mapping[str, str], names: Sequence[str], convention: str) -> N
 def _address(env: Mapping[str, str], host_var: str, port: int | None, convention: str) -> str:
     host = env.get(host_var)
     if not host:
-        raise DistributedError(f"a {convention} job needs {host_var} (the host of process 0).")
+        raise JobConfigError(f"a {convention} job needs {host_var} (the host of process 0).")
     if port is None:
         port = _int(env, "MASTER_PORT", 1)
     if not 0 < port < 65536:
-        raise DistributedError(f"the coordinator port {port} is outside 1..65535 (MASTER_PORT).")
+        raise JobConfigError(f"the coordinator port {port} is outside 1..65535 (MASTER_PORT).")
     return f"{host}:{port}"
 
 
@@ -113,7 +118,7 @@ def first_slurm_host(nodelist: str) -> str:
     """The first host of a SLURM hostlist: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
     m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
     if not m:
-        raise DistributedError(f"cannot read the SLURM node list {nodelist!r}.")
+        raise JobConfigError(f"cannot read the SLURM node list {nodelist!r}.")
     prefix, ranges = m.group(1), m.group(2)
     if ranges is None:
         return prefix
@@ -128,8 +133,9 @@ def detect(env: Mapping[str, str] | None = None) -> ProcessEnv:
     if any(env.get(n) for n in ("WORLD_SIZE", "RANK")) and "JOB_COMPLETION_INDEX" not in env:
         _require(env, ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"), "torchrun-style")
         n = _int(env, "WORLD_SIZE", 1)
-        local_n = _int(env, "LOCAL_WORLD_SIZE", 1) if env.get("LOCAL_WORLD_SIZE") else n
-        local = _int(env, "LOCAL_RANK") if env.get("LOCAL_RANK") else _int(env, "RANK")
+        # Without LOCAL_* the host's share is unknown: assume one process per host (never restrict GPUs).
+        local = _int(env, "LOCAL_RANK") if env.get("LOCAL_RANK") else 0
+        local_n = _int(env, "LOCAL_WORLD_SIZE", 1) if env.get("LOCAL_WORLD_SIZE") else local + 1
         found.append(
             ProcessEnv(n, _int(env, "RANK"), local, local_n, _address(env, "MASTER_ADDR", None, "torchrun"), "torchrun")
         )
@@ -137,20 +143,20 @@ def detect(env: Mapping[str, str] | None = None) -> ProcessEnv:
         _require(env, ("JOB_COMPLETION_INDEX", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"), "Kubernetes Indexed Job")
         rank = _int(env, "JOB_COMPLETION_INDEX")
         if env.get("RANK") and _int(env, "RANK") != rank:
-            raise DistributedError(
+            raise JobConfigError(
                 f"RANK={env['RANK']} disagrees with JOB_COMPLETION_INDEX={rank}; unset RANK on an Indexed Job."
             )
         n = _int(env, "WORLD_SIZE", 1)
         found.append(ProcessEnv(n, rank, 0, 1, _address(env, "MASTER_ADDR", None, "Kubernetes"), "kubernetes"))
-    if env.get("SLURM_PROCID") and (env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")):
-        ntasks = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
-        n, rank = _int(env, ntasks, 1), _int(env, "SLURM_PROCID")
+    # srun sets SLURM_STEP_NUM_TASKS; a batch script's own step (no srun) has SLURM_NTASKS but is one process.
+    if env.get("SLURM_PROCID") and env.get("SLURM_STEP_NUM_TASKS"):
+        n, rank = _int(env, "SLURM_STEP_NUM_TASKS", 1), _int(env, "SLURM_PROCID")
         local = _int(env, "SLURM_LOCALID") if env.get("SLURM_LOCALID") else 0
         per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
         local_n = int(re.match(r"\d+", per_node).group()) if re.match(r"\d+", per_node) else 1
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
         if n > 1 and not nodes:
-            raise DistributedError("a SLURM step of several tasks needs SLURM_STEP_NODELIST or SLURM_JOB_NODELIST.")
+            raise JobConfigError("a SLURM step of several tasks needs SLURM_STEP_NODELIST or SLURM_JOB_NODELIST.")
         port = _int(env, "MASTER_PORT", 1) if env.get("MASTER_PORT") else None
         if port is None:
             port = DEFAULT_PORT + (_int(env, "SLURM_JOB_ID") % 1000 if env.get("SLURM_JOB_ID") else 0)
@@ -170,18 +176,18 @@ def detect(env: Mapping[str, str] | None = None) -> ProcessEnv:
     first = found[0]
     for other in found[1:]:
         if (other.num_processes, other.process_id) != (first.num_processes, first.process_id):
-            raise DistributedError(
+            raise JobConfigError(
                 f"the environment describes two different jobs: {first.source} says process "
                 f"{first.process_id} of {first.num_processes}, {other.source} says process {other.process_id} "
                 f"of {other.num_processes}. Launch with one of them, or make them agree."
             )
     for p in found:
         if not 0 <= p.process_id < p.num_processes:
-            raise DistributedError(
+            raise JobConfigError(
                 f"{p.source}: rank {p.process_id} is outside 0..{p.num_processes - 1} (world size {p.num_processes})."
             )
         if not 0 <= p.local_rank < p.local_world_size:
-            raise DistributedError(
+            raise JobConfigError(
                 f"{p.source}: local rank {p.local_rank} is outside 0..{p.local_world_size - 1} "
                 f"(local world size {p.local_world_size})."
             )
@@ -192,7 +198,25 @@ def detect(env: Mapping[str, str] | None = None) -> ProcessEnv:
 # Start-up
 
 
+def _local_gpus(found: ProcessEnv, visible: str | None) -> list[int] | None:
+    """This process's share of the host's GPUs when several processes share a host (CUDA numbering after
+    CUDA_VISIBLE_DEVICES; ignored on CPUs): GPU `local_rank` when nothing restricts them, the local
+    rank's block when CUDA_VISIBLE_DEVICES lists the whole host's GPUs to every process (SLURM with
+    --gres), nothing when it already gives each process its own (a launcher, --gpus-per-task)."""
+    n = found.local_world_size
+    if n <= 1:
+        return None
+    if visible is None:
+        return [found.local_rank]
+    count = len([d for d in visible.split(",") if d.strip()])
+    if count < n:
+        return None
+    per = count // n
+    return list(range(found.local_rank * per, (found.local_rank + 1) * per))
+
+
 _state: dict = {"env": None, "watch": None}
+_sequence = {"barrier": 0, "agree": 0}  # every process makes the same calls in the same order
 
 
 def _client():
@@ -227,23 +251,23 @@ def initialize(
     (PEER_LOST_EXIT_CODE, naming it); default DSJAX_PEER_TIMEOUT or 60 s.
     """
     if backend not in BACKENDS:
-        raise DistributedError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}.")
-    found = detect(env)
+        raise JobConfigError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}.")
     explicit = [v is not None for v in (coordinator, num_processes, process_id)]
+    found = detect(env) if not all(explicit) else ProcessEnv(1, 0)
     if any(explicit):
         if not all(explicit) and not (num_processes == 1 and process_id in (None, 0)):
-            raise DistributedError(
+            raise JobConfigError(
                 "initialize() takes coordinator, num_processes and process_id together (or none, to read the "
                 f"environment); got coordinator={coordinator!r}, num_processes={num_processes}, "
                 f"process_id={process_id}."
             )
         n, rank = int(num_processes or 1), int(process_id or 0)
         if n < 1 or not 0 <= rank < n:
-            raise DistributedError(f"process_id={rank} must be in 0..num_processes-1 (num_processes={n}).")
-        found = ProcessEnv(n, rank, found.local_rank, found.local_world_size, coordinator, "explicit")
+            raise JobConfigError(f"process_id={rank} must be in 0..num_processes-1 (num_processes={n}).")
+        found = ProcessEnv(n, rank, coordinator=coordinator, source="explicit")
     if _state["env"] is not None:
         if (_state["env"].num_processes, _state["env"].process_id) != (found.num_processes, found.process_id):
-            raise DistributedError(
+            raise JobConfigError(
                 f"initialize() was already called as {_state['env'].describe()}; it cannot rejoin as "
                 f"{found.describe()}."
             )
@@ -255,13 +279,11 @@ def initialize(
 
     if backend == "gloo":
         if xla_bridge.backends_are_initialized() and jax.default_backend() != "cpu":
-            raise DistributedError(
-                f"backend='gloo' needs CPU devices, but JAX already runs on {jax.default_backend()}."
-            )
+            raise JobConfigError(f"backend='gloo' needs CPU devices, but JAX already runs on {jax.default_backend()}.")
         jax.config.update("jax_platforms", "cpu")
     if found.num_processes > 1:
         if xla_bridge.backends_are_initialized():
-            raise DistributedError(
+            raise JobConfigError(
                 f"dsjax.distributed.initialize() was called after JAX started its devices (jax.devices(), an "
                 f"array or a jit ran first); as {found.describe()} it must run before any of those. Call it first "
                 "thing in the program (python -m dsjax.train does)."
@@ -270,9 +292,9 @@ def initialize(
         timeout = float(os.environ.get("DSJAX_PEER_TIMEOUT", DEFAULT_PEER_TIMEOUT_S))
         timeout = timeout if peer_timeout_s is None else float(peer_timeout_s)
         if timeout <= 0:
-            raise DistributedError(f"the peer timeout must be positive seconds, got {timeout}.")
-        if local_device_ids is None and found.local_world_size > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
-            local_device_ids = [found.local_rank]  # one GPU per process on a shared host (ignored on CPUs)
+            raise JobConfigError(f"the peer timeout must be positive seconds, got {timeout}.")
+        if local_device_ids is None:
+            local_device_ids = _local_gpus(found, os.environ.get("CUDA_VISIBLE_DEVICES"))
         try:
             jax.distributed.initialize(
                 found.coordinator,
@@ -291,7 +313,7 @@ def initialize(
         _state["watch"] = PeerWatch(found, timeout)
     _state["env"] = found
     if backend == "nccl" and jax.default_backend() != "gpu":
-        raise DistributedError(f"backend='nccl' needs GPUs, but this process has {jax.default_backend()} devices.")
+        raise JobConfigError(f"backend='nccl' needs GPUs, but this process has {jax.default_backend()} devices.")
     return found
 
 
@@ -332,12 +354,20 @@ class PeerWatch:
         self._key = f"dsjax/alive/{env.process_id}"
         threading.Thread(target=self._loop, name="dsjax-peer-watch", daemon=True).start()
         atexit.register(self.close)
+        previous = sys.excepthook
+
+        def hook(kind, value, tb):  # an uncaught error in a user's script releases the others too
+            self.fail(f"{kind.__name__}: {value}")
+            previous(kind, value, tb)
+
+        sys.excepthook = hook
 
     def _post(self, value: str) -> None:
         _client().key_value_set(self._key, value, allow_overwrite=True)
 
     def fail(self, message: str) -> None:
         """Tell the other processes that this one is ending with an error (they exit, quoting it)."""
+        self._stop.set()  # no beat or "exited" may overwrite the report
         with contextlib.suppress(Exception):  # the service is gone already: the others find out without us
             self._post("failed:" + message[:2000])
 
@@ -397,7 +427,9 @@ def report_failure(message: str) -> None:
         watch.fail(message)
 
 
-_PEER_GONE = re.compile(r"connection (closed|reset)|broken pipe|gloo|nccl|socket closed", re.IGNORECASE)
+_PEER_GONE = re.compile(
+    r"connection (closed|reset) by peer|broken pipe|socket closed|connection refused", re.IGNORECASE
+)
 
 
 def await_lost_peer(err: BaseException) -> None:
@@ -434,12 +466,12 @@ def end_after_failure(code: int, linger_s: float = 2.0) -> None:
 
 def _check_op(op: str) -> None:
     if op not in OPS:
-        raise DistributedError(f"op={op!r} is not one of {', '.join(OPS)}.")
+        raise JobConfigError(f"op={op!r} is not one of {', '.join(OPS)}.")
 
 
 def _reduce(x, op: str, axis: str):
     if op == "mean" and not jnp.issubdtype(x.dtype, jnp.inexact):
-        raise DistributedError(f"op='mean' needs a floating dtype; got {x.dtype} (use 'sum').")
+        raise JobConfigError(f"op='mean' needs a floating dtype; got {x.dtype} (use 'sum').")
     return {"sum": jax.lax.psum, "mean": jax.lax.pmean, "max": jax.lax.pmax, "min": jax.lax.pmin}[op](x, axis)
 
 
@@ -459,7 +491,7 @@ class CommContext:
 
     def __init__(self, backend: str = "auto", axis: str | None = None, barrier_timeout_s: float = 300.0):
         if backend not in BACKENDS:
-            raise DistributedError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}.")
+            raise JobConfigError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}.")
         self.axis, self.barrier_timeout_s = axis, barrier_timeout_s
         self._barriers = 0
         self._programs: dict = {}
@@ -468,9 +500,9 @@ class CommContext:
             return
         platform = jax.default_backend()
         if backend == "nccl" and platform != "gpu":
-            raise DistributedError(f"backend='nccl' needs GPUs; this process's devices are {platform}.")
+            raise JobConfigError(f"backend='nccl' needs GPUs; this process's devices are {platform}.")
         if backend == "gloo" and platform != "cpu":
-            raise DistributedError(f"backend='gloo' runs on CPU devices; this process's devices are {platform}.")
+            raise JobConfigError(f"backend='gloo' runs on CPU devices; this process's devices are {platform}.")
         self.backend = {"gpu": "nccl", "cpu": "gloo"}.get(platform, platform) if backend == "auto" else backend
         firsts = {}
         for d in jax.devices():
@@ -491,7 +523,7 @@ class CommContext:
 
     def get_local_rank(self) -> int:
         if self.axis:
-            raise DistributedError("get_local_rank() is a process notion; a mesh-axis CommContext has no hosts.")
+            raise JobConfigError("get_local_rank() is a process notion; a mesh-axis CommContext has no hosts.")
         return process_env().local_rank
 
     # -- verbs ----------------------------------------------------------------------------------------
@@ -508,9 +540,9 @@ class CommContext:
         n = self.get_world_size() if not self.axis else None
         shape = np.shape(x)
         if not shape:
-            raise DistributedError("reduce_scatter needs an array with a leading dimension to split; got a scalar.")
+            raise JobConfigError("reduce_scatter needs an array with a leading dimension to split; got a scalar.")
         if n is not None and shape[0] % n:
-            raise DistributedError(
+            raise JobConfigError(
                 f"reduce_scatter splits dimension 0 ({shape[0]}) over {n} processes; it must be a multiple of {n}."
             )
         return self._run("reduce_scatter", x, op=op)
@@ -518,18 +550,19 @@ class CommContext:
     def broadcast(self, x, src: int = 0):
         n = jax.process_count() if not self.axis else None
         if n is not None and not 0 <= src < n:
-            raise DistributedError(f"broadcast src={src} is not a process of this job (0..{n - 1}).")
+            raise JobConfigError(f"broadcast src={src} is not a process of this job (0..{n - 1}).")
         return self._run("broadcast", x, src=src)
 
     def barrier(self, name: str = "") -> None:
         """Wait until every process has called barrier() (the n-th call meets the n-th call elsewhere),
         at most barrier_timeout_s; a DistributedError names the timeout otherwise."""
         if self.axis:
-            raise DistributedError("barrier() synchronises processes; inside shard_map there is nothing to wait for.")
+            raise JobConfigError("barrier() synchronises processes; inside shard_map there is nothing to wait for.")
         self._barriers += 1
         if jax.process_count() == 1:
             return
-        key = f"dsjax-barrier-{name}-{self._barriers}"
+        _sequence["barrier"] += 1  # module-wide: two contexts never reuse a barrier
+        key = f"dsjax-barrier-{name}-{_sequence['barrier']}"
         try:
             _client().wait_at_barrier(key, int(self.barrier_timeout_s * 1000))
         except Exception as err:
@@ -544,6 +577,12 @@ class CommContext:
         """The per-member computation of `verb`, on that member's block."""
 
         def body(x):
+            if x.dtype == jnp.bool_ and verb in ("all_reduce", "reduce_scatter"):
+                out = reduce(x.astype(jnp.int32))  # sum: how many are True; max/min: any/all
+                return out if op == "sum" else out.astype(jnp.bool_)
+            return reduce(x)
+
+        def reduce(x):
             if verb == "all_reduce":
                 return _reduce(x, op, axis)
             if verb == "all_gather":
@@ -566,16 +605,16 @@ class CommContext:
     def _run(self, verb: str, x, op: str | None = None, src: int | None = None):
         if self.axis:
             if op == "mean" and not jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact):
-                raise DistributedError(f"op='mean' needs a floating dtype; got {jnp.asarray(x).dtype} (use 'sum').")
+                raise JobConfigError(f"op='mean' needs a floating dtype; got {jnp.asarray(x).dtype} (use 'sum').")
             if verb == "reduce_scatter" and x.shape[0] % jax.lax.axis_size(self.axis):
-                raise DistributedError(
+                raise JobConfigError(
                     f"reduce_scatter splits dimension 0 ({x.shape[0]}) over mesh axis {self.axis!r} of size "
                     f"{jax.lax.axis_size(self.axis)}; it must be a multiple of it."
                 )
             return self._body(verb, self.axis, op, src, None)(x)
         x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
         if op == "mean" and not jnp.issubdtype(x.dtype, jnp.inexact):
-            raise DistributedError(f"op='mean' needs a floating dtype; got {x.dtype} (use 'sum').")
+            raise JobConfigError(f"op='mean' needs a floating dtype; got {x.dtype} (use 'sum').")
         self._agree(verb, x, op, src)
         n, scalar = len(self.devices), x.ndim == 0
         x = x.reshape(1) if scalar else x
@@ -612,7 +651,8 @@ class CommContext:
         if n == 1 or signature in self._checked:
             return
         client = _client()
-        tag = f"dsjax/comm/{len(self._checked)}"
+        _sequence["agree"] += 1  # module-wide, and advanced even when this check fails
+        tag = f"dsjax/comm/{_sequence['agree']}"
         client.key_value_set(f"{tag}/{jax.process_index()}", signature, allow_overwrite=True)
         theirs = {}
         for p in range(n):

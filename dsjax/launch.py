@@ -33,6 +33,8 @@ from collections.abc import Sequence
 
 CONFIG_EXIT_CODE = 2  # dsjax.train's exit code for a bad config or flag: restarting cannot help
 PREEMPTED_EXIT_CODE = 75  # dsjax.checkpoint.PREEMPTED_EXIT_CODE (not imported: the launcher never loads JAX)
+SCHEDULER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_")
+SCHEDULER_VARS = ("JOB_COMPLETION_INDEX",)
 USAGE = "python -m dsjax.launch --nproc=N [options] -- <arguments of python -m dsjax.train>"
 
 
@@ -102,7 +104,9 @@ def process_envs(args: argparse.Namespace, nproc: int, port: int, attempt: int) 
             f"{len(gpus)} are visible."
         )
     for rank in range(nproc):
-        env = dict(os.environ)
+        # The launcher defines the job: a scheduler's own description of it (this launcher running as
+        # one SLURM task, one pod of an Indexed Job) would contradict the contract below.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(SCHEDULER_PREFIXES) and k not in SCHEDULER_VARS}
         env.update(
             WORLD_SIZE=str(nproc),
             RANK=str(rank),
@@ -167,18 +171,18 @@ class Job:
         """Wait until every process exited 0, or one failed (then kill the rest). Returns the exit codes
         at the moment of the first failure (None: still running then) and the ranks that had failed."""
         while True:
+            if stop.is_set():  # a signal to the launcher: the processes got it too; let them all save
+                for p in self.procs:
+                    p.wait()
+                codes = [p.poll() for p in self.procs]
+                failed = [r for r, c in enumerate(codes) if c != 0]
+                break
             codes = [p.poll() for p in self.procs]
             # A preempted process (75) is not a failure: the others are saving the same step, let them.
             failed = [r for r, c in enumerate(codes) if c not in (None, 0, PREEMPTED_EXIT_CODE)]
             if failed:
                 break
             if all(c is not None for c in codes):
-                failed = [r for r, c in enumerate(codes) if c != 0]
-                break
-            if stop.is_set():  # a signal to the launcher: the processes got it too; wait for them
-                for p in self.procs:
-                    p.wait()
-                codes = [p.poll() for p in self.procs]
                 failed = [r for r, c in enumerate(codes) if c != 0]
                 break
             time.sleep(0.05)
@@ -219,9 +223,15 @@ def launch(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         nproc, attempt = args.nproc, 0
         while True:
+            if received:  # a signal between attempts: start nothing
+                say(f"stopped by {signal.Signals(received[0]).name} before attempt {attempt + 1}")
+                return 128 + received[0]
             port = args.port or free_port()
+            envs = process_envs(args, nproc, port, attempt)
             say(f"attempt {attempt + 1}: {nproc} process(es), coordinator 127.0.0.1:{port}: {' '.join(command)}")
-            job[:] = [Job(command, process_envs(args, nproc, port, attempt))]
+            job[:] = [Job(command, envs)]
+            if received:  # it arrived while the processes were starting: pass it on
+                job[0].signal_all(received[-1])
             started = time.monotonic()
             codes, failed = job[0].wait(stop)
             if not failed:

@@ -369,9 +369,10 @@ def fit(
 
     several = jax.process_count() > 1
 
-    def preemption_due(step: int) -> bool:
-        """Whether to ask about a stop signal after `step`: every step in one process (a local flag); in a
-        job, where agreeing is a collective, at log steps only, where the loop waits for the device anyway."""
+    def checks_due(step: int) -> bool:
+        """Whether to ask about a stop signal and the checkpoint clock after `step`: every step in one process
+        (local checks); in a job, where agreeing is a collective, at log steps only, where the loop waits
+        for the device anyway."""
         return not several or (step + 1) % t.log_every == 0 or step + 1 == t.steps
 
     def train_from(first: int) -> None:
@@ -388,7 +389,7 @@ def fit(
             while len(pending) > lag:
                 report_pending(pending)
             bar.update(1)
-            if preemption is not None and checkpointer is not None and preemption_due(step) and preemption.agreed():
+            if preemption is not None and checkpointer is not None and checks_due(step) and preemption.agreed():
                 while pending:
                     report_pending(pending)
                 if checkpointer.save(run.state, checkpoint_meta(run)):
@@ -398,7 +399,7 @@ def fit(
                 checkpointer.wait()
                 why = f"{preemption.requested} received" if preemption.requested else "another process was signalled"
                 raise Preempted(f"{why}: stopped after step {step + 1}, {where}.")
-            if checkpointer is not None and checkpointer.due(step + 1) and step + 1 != t.steps:
+            if checkpointer is not None and checkpointer.due(step + 1, clock=checks_due(step)) and step + 1 != t.steps:
                 checkpointer.save(run.state, checkpoint_meta(run))
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 != t.steps:
                 while pending:
@@ -465,6 +466,7 @@ def _roll_back(run: Run, checkpointer: ckpt.Checkpointer, bad_step: int, log: Ca
     """Replace run.state by the newest good checkpoint taken before step `bad_step` (0-based) ran; returns
     its step. The current state's buffers are freed first, so the restore needs no second copy."""
     checkpointer.wait()  # saves still in flight finish first (any taken after bad_step are set aside)
+    distributed.sync("rollback")  # process 0 has written every manifest: all processes choose alike
     target = abstract_state(run)
     jax.tree.map(lambda x: x.delete() if isinstance(x, jax.Array) else None, run.state)
     restored = checkpointer.restore_latest(target, at_most=bad_step)
@@ -628,6 +630,8 @@ def _check_out(out: str | Path, resumable: bool = False) -> Path:
     if path.is_dir() and any(path.iterdir()):
         if resumable and (path / "config.json").is_file():
             return path  # an earlier run of dsjax with checkpoints: resume it
+        if os.environ.get("DSJAX_RESTART", "0") not in ("", "0") and (path / "config.json").is_file():
+            return path  # dsjax.launch restarting a job that died before its first checkpoint: start over
         raise ConfigError(
             f"--out={str(out)!r} already holds files and nothing to resume (no checkpoint, or "
             "--checkpoint.restore=none / checkpoint.enabled=false); dsjax will not mix two runs in one "

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from training import SMALL_FLAGS
 
 from dsjax import checkpoint as ckpt
 from dsjax import data as data_lib
@@ -49,12 +50,7 @@ STEPS = 24
 EVERY = 4
 BATCH = 8
 COMMON = [
-    "--model.n_layers=1",
-    "--model.d_model=32",
-    "--model.n_heads=2",
-    "--model.n_kv_heads=2",
-    "--model.d_ff=64",
-    "--train.seq_len=32",
+    *SMALL_FLAGS,
     f"--train.batch_size={BATCH}",
     f"--train.steps={STEPS}",
     "--train.log_every=1",

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from training import SMALL_FLAGS
 
 from dsjax import train
 from dsjax.config import SECTIONS, Config, apply_overrides, preset
@@ -25,15 +26,7 @@ def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-# a small model: the dry runs compile the train step, and compile time grows with the model
-SMALL = [
-    "--model.n_layers=1",
-    "--model.d_model=32",
-    "--model.n_heads=2",
-    "--model.n_kv_heads=2",
-    "--model.d_ff=64",
-    "--train.seq_len=32",
-]
+SMALL = SMALL_FLAGS  # the dry runs compile the train step
 
 
 def run_main(capsys, *argv):

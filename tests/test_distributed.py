@@ -28,7 +28,7 @@ TORCHRUN = {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "1
     "env, want",
     [
         ({}, dd.ProcessEnv(1, 0)),
-        (TORCHRUN, dd.ProcessEnv(4, 2, 0, 4, "10.0.0.1:29500", "torchrun")),
+        (TORCHRUN, dd.ProcessEnv(4, 2, 0, 1, "10.0.0.1:29500", "torchrun")),
         (
             {**TORCHRUN, "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1"},
             dd.ProcessEnv(4, 2, 1, 2, "10.0.0.1:29500", "torchrun"),
@@ -59,16 +59,26 @@ TORCHRUN = {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "1
             },
             dd.ProcessEnv(2, 1, 1, 2, "head:5000", "openmpi"),
         ),
-        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, dd.ProcessEnv(1, 0, 0, 1, None, "slurm")),
+        # a batch script's own step (no srun) is one process, whatever --ntasks the job asked for
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}, dd.ProcessEnv(1, 0)),
     ],
-    ids=["none", "torchrun", "torchrun-local", "kubernetes", "slurm", "openmpi", "slurm-one-task"],
+    ids=["none", "torchrun", "torchrun-local", "kubernetes", "slurm", "openmpi", "slurm-batch-step"],
 )
 def test_detect_reads_each_convention(env, want):
-    got = dd.detect(env)
-    if want.source == "slurm" and want.num_processes == 1:
-        assert (got.num_processes, got.process_id, got.source) == (1, 0, "slurm")
-    else:
-        assert got == want
+    assert dd.detect(env) == want
+
+
+@pytest.mark.parametrize(
+    "local_rank, local_n, visible, want",
+    [
+        (0, 1, None, None),  # alone on its host: every GPU
+        (2, 4, None, [2]),  # several per host, nothing restricts: one GPU each
+        (1, 2, "0", None),  # a launcher or --gpus-per-task gave it its own already
+        (1, 2, "0,1,2,3", [2, 3]),  # the host's 4 GPUs listed to both (SLURM --gres): its half
+    ],
+)
+def test_each_process_takes_its_share_of_the_hosts_gpus(local_rank, local_n, visible, want):
+    assert dd._local_gpus(dd.ProcessEnv(8, 0, local_rank, local_n), visible) == want
 
 
 @pytest.mark.parametrize(
@@ -113,6 +123,8 @@ def test_initialize_after_jax_started_is_an_error(monkeypatch):
         dd.initialize(backend="mpi")
     with pytest.raises(dd.DistributedError, match="together"):
         dd.initialize(coordinator="127.0.0.1:1")
+    with pytest.raises(dd.DistributedError, match="after JAX started"):  # explicit arguments win over the env
+        dd.initialize("127.0.0.1:1", 2, 1, env={"WORLD_SIZE": "3", "RANK": "9"})
     assert dd.initialize(env={}) == dd.ProcessEnv(1, 0)  # a single process needs no coordinator
     with pytest.raises(dd.DistributedError, match="needs GPUs"):
         dd.CommContext(backend="nccl")
@@ -140,6 +152,10 @@ def test_one_process_comm_context_is_the_identity_with_checks():
         comm.broadcast(x, 1)
     with pytest.raises(dd.DistributedError, match="scalar"):
         comm.reduce_scatter(np.float32(1.0))
+    flags = np.array([True, False, True])
+    np.testing.assert_array_equal(comm.all_reduce(flags, "sum"), [1, 0, 1])  # a count
+    assert comm.all_reduce(flags, "max").dtype == bool
+    assert float(comm.all_reduce(np.float32(2.5))) == 2.5 and comm.all_gather(np.float32(2.5)).shape == (1,)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.int32, jnp.bfloat16])
@@ -286,10 +302,67 @@ def test_launcher_flags_are_checked(argv, words):
         assert word in str(err.value)
 
 
-def test_launcher_gives_train_one_run_directory_and_the_env_contract():
+def test_launcher_gives_train_one_run_directory_and_the_env_contract(monkeypatch):
     args, rest = launch.parse(["--nproc=3", "--cpu-devices-per-proc=2", "--", "--preset=tiny"])
     assert rest[0] == "--preset=tiny" and rest[1].startswith("--out=runs/")
+    monkeypatch.setenv("SLURM_PROCID", "5")  # the launcher itself running as one SLURM task
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
     envs = launch.process_envs(args, 3, 12345, attempt=1)
     for rank, env in enumerate(envs):
         assert dd.detect(env) == dd.ProcessEnv(3, rank, rank, 3, "127.0.0.1:12345", "torchrun")
         assert (env["JAX_NUM_CPU_DEVICES"], env["JAX_PLATFORMS"], env["DSJAX_RESTART"]) == ("2", "cpu", "1")
+
+
+LAUNCHED = """
+import os, signal, sys
+rank, attempt = int(os.environ["RANK"]), int(os.environ["DSJAX_RESTART"])
+print(f"rank {rank} of {os.environ['WORLD_SIZE']} attempt {attempt}", flush=True)
+mode = sys.argv[1]
+if mode == "config":
+    sys.exit(2 if rank == 1 else 0)
+if mode == "flaky" and attempt == 0 and rank == 1:
+    sys.exit(1)
+if mode == "crash" and attempt == 0 and rank == 1:
+    os.kill(os.getpid(), signal.SIGKILL)
+if mode == "always":
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize(
+    "mode, flags, code, words",
+    [
+        ("config", [], 2, ["rejected its configuration (rank 1: exit 2); not restarting"]),
+        ("flaky", [], 0, ["restarting all 2", "attempt 2: 2 process(es)", "all 2 process(es) finished"]),
+        ("crash", ["--min-nproc=1"], 0, ["killed by SIGKILL", "restarting with 1 (elastic", "all 1 process(es)"]),
+        ("crash", [], 0, ["restarting all 2"]),
+        ("always", ["--max-restarts=1"], 3, ["giving up after 1 restart(s)"]),
+    ],
+    ids=["config-not-retried", "restart", "elastic", "crash-not-elastic", "give-up"],
+)
+def test_launcher_restart_policy(tmp_path, mode, flags, code, words):
+    """The launcher's decisions, with processes that do not start JAX."""
+    script = tmp_path / "job.py"
+    script.write_text(LAUNCHED)
+    out = subprocess.run(
+        [sys.executable, "-m", "dsjax.launch", "--nproc=2", *flags, f"--run={script}", "--", mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == code, out.stdout + out.stderr
+    for word in words:
+        assert word in out.stdout, out.stdout
+    assert "[rank 0] rank 0 of 2 attempt 0" in out.stdout  # each line carries its rank
+
+
+def test_a_restarted_job_may_reuse_a_directory_without_checkpoints(tmp_path, monkeypatch):
+    """A job the launcher restarts before its first checkpoint finds its own config.json: it starts over
+    there; anything else refuses to mix two runs in one directory."""
+    from dsjax import train
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ds.ConfigError, match="already holds files"):
+        train._check_out(tmp_path)
+    monkeypatch.setenv("DSJAX_RESTART", "1")
+    assert train._check_out(tmp_path) == tmp_path

@@ -12,19 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
+from training import SMALL_FLAGS
 
 from dsjax import distributed as dd
+from dsjax.launch import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 420
 STEPS, EVERY, BATCH = 24, 4, 8
 TRAIN = [
-    "--model.n_layers=1",
-    "--model.d_model=32",
-    "--model.n_heads=2",
-    "--model.n_kv_heads=2",
-    "--model.d_ff=64",
-    "--train.seq_len=32",
+    *SMALL_FLAGS,
     f"--train.batch_size={BATCH}",
     f"--train.steps={STEPS}",
     "--train.log_every=1",
@@ -187,7 +184,7 @@ def test_sigterm_to_one_process_stops_the_job_at_one_agreed_step(tmp_path):
 def test_a_dead_peer_outside_a_launcher_ends_the_others_within_the_bound(tmp_path):
     """Two processes started by hand (torchrun-style variables); rank 1 is killed; rank 0 exits non-zero
     within the peer timeout, with a message that names process 1."""
-    port = str(dd_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         e = env(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, JAX_NUM_CPU_DEVICES="1")
@@ -208,12 +205,6 @@ def test_a_dead_peer_outside_a_launcher_ends_the_others_within_the_bound(tmp_pat
     assert took < 8 + 10, (took, text[-3000:])  # the peer timeout (8 s) plus the watch's polling
     assert "process 1 of 2" in text, text[-3000:]
     assert "Traceback" not in text
-
-
-def dd_free_port() -> int:
-    from dsjax.launch import free_port
-
-    return free_port()
 
 
 def test_peer_watch_names_a_failed_process(capsys):

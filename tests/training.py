@@ -1,10 +1,21 @@
-"""Shared by the equivalence tests: the two small model families and a few plain train steps."""
+"""Shared by the tests: the two small model families and a few plain train steps (equivalence tests),
+and the command-line flags of a small model (CLI and multi-process tests)."""
 
 import jax
 from flax import nnx
 
 from dsjax.config import Config, ModelConfig
 from dsjax.train import batch_at, build
+
+# A small model for command-line runs: compile time, and so test time, grows with the model.
+SMALL_FLAGS = [
+    "--model.n_layers=1",
+    "--model.d_model=32",
+    "--model.n_heads=2",
+    "--model.n_kv_heads=2",
+    "--model.d_ff=64",
+    "--train.seq_len=32",
+]
 
 
 def models(n_layers: int) -> dict[str, ModelConfig]:
