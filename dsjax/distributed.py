@@ -13,8 +13,9 @@ Environment contract (first match wins; explicit `initialize()` arguments overri
                   (also what `python -m dsjax.launch` sets)
   Kubernetes      JOB_COMPLETION_INDEX (an Indexed Job) as the rank, with WORLD_SIZE, MASTER_ADDR and
                   MASTER_PORT set in the pod template (MASTER_ADDR = the headless service name of pod 0)
-  SLURM (srun)    SLURM_STEP_NUM_TASKS or SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID, the first host of
-                  SLURM_STEP_NODELIST / SLURM_JOB_NODELIST; port MASTER_PORT or one derived from the job id
+  SLURM (srun)    SLURM_STEP_NUM_TASKS, SLURM_PROCID, SLURM_LOCALID, the first host of SLURM_STEP_NODELIST /
+                  SLURM_JOB_NODELIST; port MASTER_PORT or one derived from the job id (a batch script's
+                  own step, outside srun, is one process)
   Open MPI        OMPI_COMM_WORLD_SIZE, OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_LOCAL_RANK,
                   OMPI_COMM_WORLD_LOCAL_SIZE; coordinator MASTER_ADDR:MASTER_PORT
 
