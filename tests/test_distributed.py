@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 import dsjax as ds
 from dsjax import distributed as dd
-from dsjax import launch
+from dsjax import jobenv, launch
 
 TORCHRUN = {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
 
@@ -46,7 +46,7 @@ TORCHRUN = {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "1
                 "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
                 "SLURM_STEP_NODELIST": "gpu[007-008,011]",
             },
-            dd.ProcessEnv(16, 9, 1, 8, f"gpu007:{dd.DEFAULT_PORT + 242}", "slurm"),
+            dd.ProcessEnv(16, 9, 1, 8, f"gpu007:{jobenv.DEFAULT_PORT + 242}", "slurm"),
         ),
         (
             {
@@ -109,9 +109,9 @@ def test_inconsistent_environments_are_named(env, words):
 
 
 def test_first_slurm_host():
-    assert dd.first_slurm_host("node17") == "node17"
-    assert dd.first_slurm_host("gpu[003-005,9],cpu1") == "gpu003"
-    assert dd.first_slurm_host("a-b[10,12]") == "a-b10"
+    assert jobenv.first_slurm_host("node17") == "node17"
+    assert jobenv.first_slurm_host("gpu[003-005,9],cpu1") == "gpu003"
+    assert jobenv.first_slurm_host("a-b[10,12]") == "a-b10"
 
 
 def test_initialize_after_jax_started_is_an_error(monkeypatch):
