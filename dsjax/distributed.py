@@ -307,14 +307,15 @@ def end_after_failure(code: int, linger_s: float = 2.0) -> None:
 # Collectives over processes, or over a mesh axis inside jax.shard_map
 
 
-def _check_op(op: str) -> None:
-    if op not in OPS:
+def _check_op(op: str | None, dtype) -> None:
+    """A reduction op must be one of OPS, and 'mean' needs a floating dtype (None: the verb takes no op)."""
+    if op is not None and op not in OPS:
         raise JobConfigError(f"op={op!r} is not one of {', '.join(OPS)}.")
+    if op == "mean" and not jnp.issubdtype(dtype, jnp.inexact):
+        raise JobConfigError(f"op='mean' needs a floating dtype; got {dtype} (use 'sum').")
 
 
 def _reduce(x, op: str, axis: str):
-    if op == "mean" and not jnp.issubdtype(x.dtype, jnp.inexact):
-        raise JobConfigError(f"op='mean' needs a floating dtype; got {x.dtype} (use 'sum').")
     return {"sum": jax.lax.psum, "mean": jax.lax.pmean, "max": jax.lax.pmax, "min": jax.lax.pmin}[op](x, axis)
 
 
@@ -372,14 +373,12 @@ class CommContext:
     # -- verbs ----------------------------------------------------------------------------------------
 
     def all_reduce(self, x, op: str = "sum"):
-        _check_op(op)
         return self._run("all_reduce", x, op=op)
 
     def all_gather(self, x):
         return self._run("all_gather", x)
 
     def reduce_scatter(self, x, op: str = "sum"):
-        _check_op(op)
         n = self.get_world_size() if not self.axis else None
         shape = np.shape(x)
         if not shape:
@@ -416,7 +415,7 @@ class CommContext:
     # -- the programs ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _body(verb: str, axis: str, op: str | None, src: int | None, n: int | None):
+    def _body(verb: str, axis: str, op: str | None, src: int | None):
         """The per-member computation of `verb`, on that member's block."""
 
         def body(x):
@@ -446,24 +445,21 @@ class CommContext:
         return body
 
     def _run(self, verb: str, x, op: str | None = None, src: int | None = None):
+        x = jnp.asarray(x)  # a jax.Array or tracer as it is; a host value onto the default device
+        _check_op(op, x.dtype)
         if self.axis:
-            if op == "mean" and not jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact):
-                raise JobConfigError(f"op='mean' needs a floating dtype; got {jnp.asarray(x).dtype} (use 'sum').")
             if verb == "reduce_scatter" and x.shape[0] % jax.lax.axis_size(self.axis):
                 raise JobConfigError(
                     f"reduce_scatter splits dimension 0 ({x.shape[0]}) over mesh axis {self.axis!r} of size "
                     f"{jax.lax.axis_size(self.axis)}; it must be a multiple of it."
                 )
-            return self._body(verb, self.axis, op, src, None)(x)
-        x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
-        if op == "mean" and not jnp.issubdtype(x.dtype, jnp.inexact):
-            raise JobConfigError(f"op='mean' needs a floating dtype; got {x.dtype} (use 'sum').")
+            return self._body(verb, self.axis, op, src)(x)
         self._agree(verb, x, op, src)
         n, scalar = len(self.devices), x.ndim == 0
         x = x.reshape(1) if scalar else x
         key = (verb, op, src, x.shape, x.dtype)
         if key not in self._programs:
-            body = self._body(verb, "process", op, src, n)
+            body = self._body(verb, "process", op, src)
             self._programs[key] = jax.jit(
                 jax.shard_map(
                     body,
