@@ -400,6 +400,10 @@ def fit(
                 why = f"{preemption.requested} received" if preemption.requested else "another process was signalled"
                 raise Preempted(f"{why}: stopped after step {step + 1}, {where}.")
             if checkpointer is not None and checkpointer.due(step + 1, clock=checks_due(step)) and step + 1 != t.steps:
+                # Every step a checkpoint covers is in metrics.jsonl before the checkpoint can exist: a job
+                # killed after the save resumes past these steps and would never log them again.
+                while pending:
+                    report_pending(pending)
                 checkpointer.save(run.state, checkpoint_meta(run))
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 != t.steps:
                 while pending:

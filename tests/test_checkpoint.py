@@ -2,6 +2,7 @@
 non-finite guard, a failing background save, preemption at a step boundary and exact resume, and restore
 onto another mesh. (Killed processes and fresh-process restores: test_checkpoint_processes.py.)"""
 
+import dataclasses
 import json
 
 import jax
@@ -290,3 +291,23 @@ def test_a_run_directory_without_checkpoints_is_not_resumed(tmp_path):
     train.train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
     with pytest.raises(ConfigError, match="nothing to resume"):
         train.train(config(steps=2, mesh=MeshConfig()), tmp_path / "run", progress=False, log=lambda _: None)
+
+
+def test_every_step_a_checkpoint_covers_is_logged_before_the_save(tmp_path, monkeypatch):
+    """A job killed right after a save resumes past the saved steps and never logs them again, so the
+    metrics of a checkpoint's steps are written before it is saved (the loop otherwise reads them late)."""
+    logged_at_save = {}
+    save = ckpt.Checkpointer.save
+
+    def spy(self, state, meta):
+        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        logged_at_save[meta["step"]] = {r["step"] for r in rows if "loss" in r}
+        return save(self, state, meta)
+
+    monkeypatch.setattr(ckpt.Checkpointer, "save", spy)
+    cfg = config(steps=6, mesh=MeshConfig())
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, log_every=1))
+    train.train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
+    assert sorted(logged_at_save) == [2, 4, 6]
+    for step, steps in logged_at_save.items():
+        assert set(range(1, step + 1)) <= steps, (step, steps)
