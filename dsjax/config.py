@@ -290,6 +290,49 @@ class CheckpointConfig:
         _require(self.max_rollbacks >= 0, f"checkpoint.max_rollbacks must be >= 0, got {self.max_rollbacks}.")
 
 
+@dataclass(frozen=True, kw_only=True)
+class MonitorConfig:
+    tensorboard: bool = doc(True, "write TensorBoard event files to <out>/tensorboard (process 0)")
+    prometheus_port: int = doc(0, "serve Prometheus metrics on this port (local process r: port + r); 0 = off")
+    prometheus_host: str = doc("127.0.0.1", "address the Prometheus endpoint listens on ('0.0.0.0': every interface)")
+    gpu_stats: bool = doc(True, "sample GPU utilisation, memory, temperature, power and SM clock through NVML")
+    gpu_every_s: float = doc(2.0, "seconds between NVML samples (taken by a background thread)")
+    advisor: bool = doc(True, "print, log and export advice when the metrics show a fixable problem")
+    run_name: str = doc("", "the `run` label of exported metrics (default: the run directory's name)")
+
+    def __post_init__(self):
+        _require(
+            0 <= self.prometheus_port <= 65535,
+            f"monitor.prometheus_port must be a TCP port in 1..65535 (0 = off), got {self.prometheus_port}.",
+        )
+        _require(bool(self.prometheus_host), "monitor.prometheus_host must be an address, got ''.")
+        _require(self.gpu_every_s > 0, f"monitor.gpu_every_s must be > 0 seconds, got {self.gpu_every_s}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileConfig:
+    steps: str = doc("", "START:END: a jax.profiler trace of steps START..END (1-based, inclusive) in <out>/profile")
+
+    def __post_init__(self):
+        self.span()
+
+    def span(self) -> tuple[int, int] | None:
+        """(START, END) of profile.steps, or None when no trace is asked for."""
+        if not self.steps:
+            return None
+        start, sep, end = self.steps.partition(":")
+        try:
+            first, last = int(start), int(end)
+        except ValueError:
+            first = last = 0
+        _require(
+            bool(sep) and 1 <= first <= last,
+            f"profile.steps must be START:END with 1 <= START <= END (steps, 1-based, inclusive), got "
+            f"{self.steps!r}; e.g. --profile.steps=10:12 traces steps 10, 11 and 12.",
+        )
+        return first, last
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "mesh": MeshConfig,
@@ -299,6 +342,8 @@ SECTIONS: dict[str, type] = {
     "remat": RematConfig,
     "pipeline": PipelineConfig,
     "checkpoint": CheckpointConfig,
+    "monitor": MonitorConfig,
+    "profile": ProfileConfig,
 }
 
 
@@ -312,6 +357,8 @@ class Config:
     remat: RematConfig = field(default_factory=RematConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self):
         _require(
@@ -325,6 +372,11 @@ class Config:
             "lower the first or raise the second.",
         )
         check_tensor_degree(self.model, self.mesh.tensor)
+        span = self.profile.span()
+        _require(
+            span is None or span[1] <= self.train.steps,
+            f"profile.steps={self.profile.steps!r} ends after train.steps ({self.train.steps}); trace steps that run.",
+        )
 
     def replace(self, **sections: Any) -> Config:
         return dataclasses.replace(self, **sections)

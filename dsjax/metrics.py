@@ -1,4 +1,4 @@
-"""FLOPs model, MFU, and the metrics.jsonl sink.
+"""FLOPs model, MFU, the metrics.jsonl schema and its sink.
 
 FLOPs per token follow PaLM (appendix B), as nanoGPT's `estimate_mfu` codes it:
     6 N + 12 L H Q T
@@ -10,6 +10,7 @@ score matrix; the causal count halves it (6 L H Q T), as MaxText now reports. `m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -43,6 +44,143 @@ def peak_flops(device: jax.Device, dtype: str = "float32") -> float | None:
         if fragment.lower() in device.device_kind.lower():
             return peaks.get(dtype)
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One key of metrics.jsonl: its JSON type(s), unit and meaning, and the Prometheus gauge that exports
+    it (`dsjax_<prom>`, labels run, process, device), or prom="" for keys not exported."""
+
+    key: str
+    types: tuple[type, ...]
+    unit: str
+    help: str
+    prom: str = ""
+    per_device: bool = False  # exported once per device (device label "gpu<N>" / the JAX device id)
+
+
+_NUM = (int, float)
+# Every key a metrics.jsonl record may hold. A training record (every train.log_every steps) has the step
+# metrics and the throughput/goodput/memory/GPU keys; an evaluation record {"step", "eval_loss"}; the
+# event records ("restored_from", "rollback_to", "advice", "profile") say what happened at that step.
+# JSON null stands for a value that is not finite (a skipped step's loss) or not known (MFU on a CPU).
+SCHEMA: tuple[Field, ...] = (
+    Field("step", (int,), "steps", "optimizer steps finished (1-based)", "step"),
+    Field("loss", _NUM, "nats/token", "training loss of the step", "loss"),
+    Field("eval_loss", _NUM, "nats/token", "mean loss over train.eval_batches held-out batches", "eval_loss"),
+    Field("grad_norm", _NUM, "", "global L2 norm of the unscaled gradients", "grad_norm"),
+    Field("param_norm", _NUM, "", "global L2 norm of the parameters after the step", "param_norm"),
+    Field(
+        "update_norm", _NUM, "", "L2 norm of the change the step made to the parameters (0 if skipped)", "update_norm"
+    ),
+    Field("lr", _NUM, "", "learning rate of the step's update", "learning_rate"),
+    Field("loss_scale", _NUM, "", "loss scale the step used (1 without loss scaling)", "loss_scale"),
+    Field("skipped_steps", (int,), "steps", "steps skipped for non-finite gradients so far", "skipped_steps"),
+    Field("consecutive_skips", (int,), "steps", "skipped steps in a row up to this one", "consecutive_skips"),
+    Field(
+        "tokens_per_sec", _NUM, "tokens/s", "training tokens per second over the last log window", "tokens_per_second"
+    ),
+    Field("step_time_s", _NUM, "s", "mean step time over the last log window", "step_time_seconds"),
+    Field("mfu", _NUM, "fraction", "model FLOPs utilisation, PaLM count (null where the peak is unknown)", "mfu"),
+    Field("mfu_causal", _NUM, "fraction", "MFU with the causal attention count", "mfu_causal"),
+    Field(
+        "memory_in_use_bytes",
+        (int,),
+        "bytes",
+        "device memory in use (largest over local devices)",
+        "memory_in_use_bytes",
+        per_device=True,
+    ),
+    Field(
+        "memory_peak_bytes",
+        (int,),
+        "bytes",
+        "peak device memory in use so far (largest over local devices)",
+        "memory_peak_bytes",
+        per_device=True,
+    ),
+    Field(
+        "memory_limit_bytes",
+        (int,),
+        "bytes",
+        "device memory the allocator may use",
+        "memory_limit_bytes",
+        per_device=True,
+    ),
+    Field("wall_s", _NUM, "s", "wall time since the run started (this process)", "wall_seconds"),
+    Field("goodput", _NUM, "fraction", "productive_s / wall_s", "goodput"),
+    Field(
+        "productive_s",
+        _NUM,
+        "s",
+        "wall time not lost to setup, compile, checkpoint, data_wait, eval or restart",
+        "productive_seconds",
+    ),
+    Field("setup_s", _NUM, "s", "building the mesh, model and state before the first step", "setup_seconds"),
+    Field("compile_s", _NUM, "s", "compiling XLA programs on the training thread", "compile_seconds"),
+    Field("checkpoint_s", _NUM, "s", "the training loop waiting on checkpoint saves", "checkpoint_seconds"),
+    Field(
+        "data_wait_s",
+        _NUM,
+        "s",
+        "the host producing batches (an upper bound on the device's wait)",
+        "data_wait_seconds",
+    ),
+    Field("eval_s", _NUM, "s", "evaluating", "eval_seconds"),
+    Field(
+        "restart_s",
+        _NUM,
+        "s",
+        "restoring a checkpoint and repeating steps an earlier attempt had run",
+        "restart_seconds",
+    ),
+    Field(
+        "gpu_utilization_pct",
+        _NUM,
+        "%",
+        "NVML GPU utilisation (mean over local GPUs)",
+        "gpu_utilization_percent",
+        per_device=True,
+    ),
+    Field(
+        "gpu_memory_used_bytes",
+        (int,),
+        "bytes",
+        "NVML memory used (largest over local GPUs)",
+        "gpu_memory_used_bytes",
+        per_device=True,
+    ),
+    Field(
+        "gpu_temperature_c",
+        _NUM,
+        "°C",
+        "NVML GPU temperature (hottest local GPU)",
+        "gpu_temperature_celsius",
+        per_device=True,
+    ),
+    Field("gpu_power_w", _NUM, "W", "NVML power draw (sum over local GPUs)", "gpu_power_watts", per_device=True),
+    Field("gpu_sm_clock_mhz", _NUM, "MHz", "NVML SM clock (mean over local GPUs)", "gpu_sm_clock_mhz", per_device=True),
+    Field("restored_from", (str,), "", "event: the run resumed from this checkpoint"),
+    Field("rollback_to", (int,), "steps", "event: a non-finite step rolled the run back to this step"),
+    Field("skipped_batches", (list,), "", "event: global batch indices left out after the rollback"),
+    Field("reason", (str,), "", "event: why the rollback happened"),
+    Field("advice", (str,), "", "event: the advisor rule that fired (also dsjax_advice{rule=...} = 1)"),
+    Field("message", (str,), "", "event: the advice, in words"),
+    Field("profile", (str,), "", "event: a jax.profiler trace of profile.steps was written to this directory"),
+)
+FIELDS: dict[str, Field] = {f.key: f for f in SCHEMA}
+
+
+def check_record(record: dict) -> None:
+    """Raise ValueError naming the key if `record` does not follow SCHEMA (tests and dsjax.report)."""
+    if "step" not in record:
+        raise ValueError(f"metrics record without a step: {record}")
+    for key, value in record.items():
+        if key not in FIELDS:
+            raise ValueError(f"metrics key {key!r} is not in dsjax.metrics.SCHEMA")
+        types = FIELDS[key].types
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            raise ValueError(f"metrics key {key!r} holds {value!r}; expected {' or '.join(t.__name__ for t in types)}")
 
 
 class MetricsLog:

@@ -87,6 +87,11 @@ def loss_fn(
     return objective(model(batch[:, :-1], mesh), batch)
 
 
+def _norm(tree) -> jax.Array:
+    """Global L2 norm, accumulated in fp32 even for bf16 leaves."""
+    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -145,13 +150,15 @@ def make_train_step(
             loss = total / accum
             grads = jax.tree.map(lambda s, p: (s / accum).astype(p.dtype), summed, state.params)
         grads = scaler.unscale(grads, state.loss_scale)
-        grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))  # fp32 even for bf16
+        grad_norm = _norm(grads)
         params, opt_state, finite = scaler.step(tx, grads, state.opt_state, state.params, grad_norm)
         loss_scale_state = scaler.update(state.loss_scale, finite)
         applied = state.step - state.loss_scale.skipped_steps  # optimizer updates before this step
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
+            "param_norm": _norm(params),
+            "update_norm": _norm(jax.tree.map(lambda new, old: new.astype(jnp.float32) - old, params, state.params)),
             "lr": schedule(applied),
             "loss_scale": state.loss_scale.scale,
             "skipped_steps": loss_scale_state.skipped_steps,

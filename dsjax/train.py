@@ -11,8 +11,10 @@ Everything here is an importable function so notebooks and tests drive the same 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
+import json
 import math
 import os
 import sys
@@ -33,9 +35,10 @@ from dsjax import distributed, memory, pipeline, xla_flags
 from dsjax.compiling import compilation_cache
 from dsjax.config import Config, ConfigError, apply_overrides, help_text, preset, split_known
 from dsjax.mesh import check_config, make_mesh, simulate_cpu_devices
-from dsjax.metrics import MetricsLog, flops_per_token, peak_flops
+from dsjax.metrics import flops_per_token, peak_flops
 from dsjax.models import param_counts
 from dsjax.models.layers import attention_impl
+from dsjax.monitor import Goodput, Monitor
 from dsjax.optim import make_optimizer, schedule
 from dsjax.precision import loss_scale_from_config, parse_policy
 from dsjax.remat import check_platform
@@ -277,6 +280,7 @@ def fit(
     compiled=None,
     checkpointer: ckpt.Checkpointer | None = None,
     preemption: ckpt.Preemption | None = None,
+    monitor: Monitor | None = None,
 ) -> list[dict]:
     """Train `run.state` for train.steps; returns the logged records (also appended to out/metrics.jsonl).
 
@@ -292,6 +296,10 @@ def fit(
     precision.max_consecutive_skips skipped steps in a row) restores the newest good checkpoint taken
     before it, and training goes on from there without the offending batch(es); each rollback is a
     record {"step", "rollback_to", "skipped_batches", "reason"}.
+
+    Records go to the `monitor`'s sinks (one is made for `out` when not given: metrics.jsonl, TensorBoard,
+    Prometheus, NVML and the advisor as run.config.monitor says); it also times the loop for goodput and
+    runs the profile.steps trace.
     """
     t, c = run.config.train, run.config.checkpoint
     rollback = c.rollback_on_nonfinite
@@ -300,17 +308,25 @@ def fit(
             "checkpoint.rollback_on_nonfinite needs checkpoints to roll back to: give the run a directory "
             "(--out or --checkpoint.dir) and keep checkpoint.enabled=true."
         )
-    sink = MetricsLog(out / "metrics.jsonl") if out is not None and distributed.is_primary() else None
+    if monitor is None:
+        with Monitor(run.config, "" if out is None else out.name, log) as monitor:
+            monitor.attach(out)
+            return fit(run, out, progress, log, compiled, checkpointer, preemption, monitor)
+    goodput = monitor.goodput
     history: list[dict] = []
 
     def record(entry: dict) -> None:
         history.append(entry)
-        if sink is not None:
-            sink.write(entry)
+        monitor.write(entry)
+
+    def timed_evaluate() -> float:
+        with goodput.timed("eval"):
+            return evaluate(run)
 
     compiled = compiled if compiled is not None else prepare(run, log)
     step0 = int(jax.device_get(run.state.step))
-    record({"step": step0, "eval_loss": evaluate(run)})
+    goodput.end_setup()
+    record({"step": step0, "eval_loss": timed_evaluate()})
     bar = tqdm(total=t.steps, initial=step0, disable=not progress, unit="step", dynamic_ncols=True)
     # A throughput window runs from one log step to the next on the device's clock: at each log step the
     # host waits for every step dispatched so far (one short pipeline drain per window), so a window
@@ -360,7 +376,7 @@ def fit(
             "mfu_causal": mfu[1],
             "step_time_s": elapsed / window_steps,
         }
-        record(entry)
+        history.extend(monitor.training(entry, (window_first + 1, latest[0] + 1), elapsed / window_steps))
         bar.set_postfix_str(
             f"loss {values['loss']:.3f}  tok/s {tokens_per_sec:,.0f}  "
             + ("MFU n/a" if mfu[0] is None else f"MFU {100 * mfu[0]:.1f}%")
@@ -381,8 +397,12 @@ def fit(
         pending: collections.deque = collections.deque()
         indices = (i for i in itertools.count(first + run.batch_offset) if i not in skip)
         feed = indexed_batches(run, run.train_samples, itertools.islice(indices, t.steps - first))
-        for step, (index, batch) in zip(range(first, t.steps), feed, strict=True):
+        for step, (index, batch) in zip(range(first, t.steps), goodput.timed_iter(feed, "data_wait"), strict=True):
+            monitor.profile.before(step)
             run.state, metrics = compiled(run.state, batch)
+            if (trace := monitor.profile.after(step, run.state)) is not None:
+                log(f"profile: steps {monitor.profile.span[0]}-{step + 1} traced into {trace}")
+                record({"step": step + 1, "profile": str(trace)})
             run.batch_offset = index - step  # the data position the next checkpoint records
             latest[:] = step, metrics
             pending.append((step, index, metrics))
@@ -392,11 +412,13 @@ def fit(
             if preemption is not None and checkpointer is not None and checks_due(step) and preemption.agreed():
                 while pending:
                     report_pending(pending)
-                if checkpointer.save(run.state, checkpoint_meta(run)):
+                with goodput.timed("checkpoint"):
+                    saved = checkpointer.save(run.state, checkpoint_meta(run))
+                    checkpointer.wait()
+                if saved:
                     where = f"saved checkpoint {checkpointer.dir / str(step + 1)}"
                 else:
                     where = "saved no checkpoint (the state is not finite)"
-                checkpointer.wait()
                 why = f"{preemption.requested} received" if preemption.requested else "another process was signalled"
                 raise Preempted(f"{why}: stopped after step {step + 1}, {where}.")
             if checkpointer is not None and checkpointer.due(step + 1, clock=checks_due(step)) and step + 1 != t.steps:
@@ -404,11 +426,12 @@ def fit(
                 # killed after the save resumes past these steps and would never log them again.
                 while pending:
                     report_pending(pending)
-                checkpointer.save(run.state, checkpoint_meta(run))
+                with goodput.timed("checkpoint"):
+                    checkpointer.save(run.state, checkpoint_meta(run))
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 != t.steps:
                 while pending:
                     report_pending(pending)
-                record({"step": step + 1, "eval_loss": evaluate(run)})
+                record({"step": step + 1, "eval_loss": timed_evaluate()})
                 window_start, window_first = time.perf_counter(), step + 1
         while pending:
             report_pending(pending)
@@ -437,7 +460,9 @@ def fit(
                         "raise train.warmup_steps or check the data."
                     ) from None
                 blamed = sorted(index for step, index in recent if step in bad.steps)
-                first = _roll_back(run, checkpointer, bad.steps[0], log)
+                with goodput.timed("restart"):
+                    first = _roll_back(run, checkpointer, bad.steps[0], log)
+                monitor.redo_until = max(monitor.redo_until, bad.steps[-1] + 1)  # steps first+1.. run again
                 skip.update(blamed)
                 log(
                     f"warning: {bad.reason}: rolled back to the checkpoint of step {first} and will leave out "
@@ -452,13 +477,12 @@ def fit(
                 window_start, window_first = time.perf_counter(), first
                 latest[:] = first - 1, None
         if checkpointer is not None:
-            checkpointer.save(run.state, checkpoint_meta(run))
-            checkpointer.wait()
-        record({"step": t.steps, "eval_loss": evaluate(run)})
+            with goodput.timed("checkpoint"):
+                checkpointer.save(run.state, checkpoint_meta(run))
+                checkpointer.wait()
+        record({"step": t.steps, "eval_loss": timed_evaluate()})
     finally:
         bar.close()
-        if sink is not None:
-            sink.close()
     log(
         f"eval loss: {history[0]['eval_loss']:.3f} at step {step0} -> {history[-1]['eval_loss']:.3f} "
         f"at step {t.steps} (nats/token)"
@@ -569,6 +593,7 @@ def train(
     the step has compiled and passed the memory preflight, so a run rejected before training leaves
     nothing behind. SIGTERM / SIGINT save a checkpoint at the next step boundary and raise Preempted.
     """
+    goodput = Goodput()
     c = config.checkpoint
     if out is not None:
         own = Path(c.dir) if c.dir else Path(out) / "checkpoints"
@@ -585,6 +610,21 @@ def train(
             "directory (--out or --checkpoint.dir) and keep checkpoint.enabled=true."
         )
     will_restore = directory is not None and (directory.exists() or c.restore not in ("auto", "none"))
+    # The exporter's port is taken before anything slow, so a taken port fails the run at once.
+    with Monitor(config, "" if out is None else Path(out).name, log, goodput) as monitor:
+        return _train(config, out_dir, directory, will_restore, progress, log, monitor)
+
+
+def _train(
+    config: Config,
+    out_dir: Path | None,
+    directory: Path | None,
+    will_restore: bool,
+    progress: bool,
+    log: Callable[[str], None],
+    monitor: Monitor,
+) -> tuple[Run, list[dict]]:
+    c = config.checkpoint
     # A run that restores is built abstract and read straight from the checkpoint: no second copy of the
     # state is ever initialised.
     run = build(config, abstract=will_restore)
@@ -592,23 +632,27 @@ def train(
     checkpointer, restored = None, None
     if will_restore:
         checkpointer = ckpt.Checkpointer(directory, c, log)
+        started = time.perf_counter()
         restored = restore(run, checkpointer, log)
+        if restored is not None:  # reading the state back is time lost to the restart
+            monitor.goodput.add("restart", time.perf_counter() - started)
         materialize(run)  # nothing was restored: start from the initialisation
     compiled = prepare(run, log)
-    if out_dir is not None and distributed.is_primary():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(config.to_json() + "\n")
+    if out_dir is not None:
+        if distributed.is_primary():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.json").write_text(config.to_json() + "\n")
+        monitor.redo_until = _last_logged_step(out_dir) if restored is not None else 0
+        monitor.attach(out_dir)
         if restored is not None:
-            sink = MetricsLog(out_dir / "metrics.jsonl")
-            sink.write({"step": int(jax.device_get(run.state.step)), "restored_from": str(restored.path)})
-            sink.close()
+            monitor.write({"step": int(jax.device_get(run.state.step)), "restored_from": str(restored.path)})
     if directory is not None and checkpointer is None:
         checkpointer = ckpt.Checkpointer(directory, c, log)
     if checkpointer is None:
-        return run, fit(run, out_dir, progress, log, compiled)
+        return run, fit(run, out_dir, progress, log, compiled, monitor=monitor)
     try:
         with ckpt.Preemption() as preemption:
-            history = fit(run, out_dir, progress, log, compiled, checkpointer, preemption)
+            history = fit(run, out_dir, progress, log, compiled, checkpointer, preemption, monitor)
     except BaseException:
         try:  # finish and verify what was saved, but let the original error through
             checkpointer.close()
@@ -617,6 +661,21 @@ def train(
         raise
     checkpointer.close()
     return run, history
+
+
+def _last_logged_step(out_dir: Path) -> int:
+    """The last training step an earlier attempt logged in out_dir/metrics.jsonl (0 if none): steps up to
+    it that this attempt runs again are time lost to the restart."""
+    path = out_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [0]
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and "loss" in record:
+                steps.append(int(record["step"]))
+    return max(steps)
 
 
 def _holds_checkpoints(directory: Path) -> bool:

@@ -1,0 +1,555 @@
+"""What a training run reports about itself, besides the loss: goodput, memory, GPU health, advice.
+
+`Monitor` is what `dsjax.train.fit` talks to. At every log step it completes the step's record with the
+device memory in use (JAX's allocator statistics), the goodput breakdown (`Goodput`) and the GPU health
+samples (`GpuStats`, NVML), lets the `Advisor` look at it, and writes it to every sink: metrics.jsonl
+(process 0), TensorBoard event files in <out>/tensorboard (process 0) and a Prometheus endpoint (every
+process). The keys, units and exported gauge names are the table `dsjax.metrics.SCHEMA`. `ProfileWindow`
+wraps profile.steps in a jax.profiler trace.
+
+Goodput follows the usual definition (productive training time / wall time) with the lost time split by
+cause, each measured on the training thread: setup (mesh, model, state), compile (JAX's own compile-time
+events, so recompiles anywhere count), checkpoint (the loop blocked on a save), data_wait (the host
+building batches), eval, restart (restoring a checkpoint, and steps an earlier attempt had already run
+and this one repeats). productive_s is the rest of the wall time.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib
+import math
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from dsjax import distributed
+from dsjax.config import Config, ConfigError
+from dsjax.metrics import SCHEMA, MetricsLog
+
+LOST = ("setup", "compile", "checkpoint", "data_wait", "eval", "restart")
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+_clocks: list[Goodput] = []  # the live Goodput clocks, fed by one process-wide compile listener
+_listening = False
+
+
+def _on_duration(event: str, duration: float, **_kwargs) -> None:
+    if event in _COMPILE_EVENTS:
+        for clock in list(_clocks):
+            if threading.get_ident() == clock.thread:  # a background compile costs the loop no time
+                clock.compiled += duration
+
+
+class Goodput:
+    """Wall time since `start` (time.perf_counter), split into the LOST causes and productive time."""
+
+    def __init__(self, start: float | None = None):
+        global _listening
+        self.start = time.perf_counter() if start is None else start
+        self.thread = threading.get_ident()
+        self.compiled = 0.0  # compile seconds on this thread, from JAX's events
+        self.lost = dict.fromkeys(LOST, 0.0)
+        self.setup_done = False
+        if not _listening:
+            jax.monitoring.register_event_duration_secs_listener(_on_duration)
+            _listening = True
+        _clocks.append(self)
+
+    @contextlib.contextmanager
+    def timed(self, cause: str) -> Iterator[None]:
+        """Count the time inside as `cause`, less any compiling done inside (counted as compile)."""
+        t0, c0 = time.perf_counter(), self.compiled
+        try:
+            yield
+        finally:
+            self.lost[cause] += max(0.0, time.perf_counter() - t0 - (self.compiled - c0))
+
+    def timed_iter(self, items: Iterator, cause: str) -> Iterator:
+        """`items`, with the time spent producing each counted as `cause`."""
+        done = object()
+        while True:
+            with self.timed(cause):
+                item = next(items, done)
+            if item is done:
+                return
+            yield item
+
+    def add(self, cause: str, seconds: float) -> None:
+        self.lost[cause] += seconds
+
+    def end_setup(self) -> None:
+        """The first step is about to run: what was not counted since `start` was setup."""
+        if not self.setup_done:
+            self.lost["setup"] = max(0.0, self.wall() - self.compiled - sum(self.lost.values()))
+            self.setup_done = True
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.start
+
+    def snapshot(self) -> dict[str, float]:
+        wall = self.wall()
+        lost = {**self.lost, "compile": self.compiled}
+        productive = max(0.0, wall - sum(lost.values()))
+        return {
+            "wall_s": wall,
+            "goodput": productive / wall if wall > 0 else 0.0,
+            "productive_s": productive,
+            **{f"{cause}_s": seconds for cause, seconds in lost.items()},
+        }
+
+    def close(self) -> None:
+        if self in _clocks:
+            _clocks.remove(self)
+
+
+def memory_stats(devices: Sequence[jax.Device]) -> dict[str, dict[str, int]]:
+    """{device id: {memory_in_use_bytes, memory_peak_bytes, memory_limit_bytes}} from the allocator's
+    statistics; empty where the backend keeps none (CPU)."""
+    keys = {"bytes_in_use": "memory_in_use_bytes", "peak_bytes_in_use": "memory_peak_bytes"}
+    keys["bytes_limit"] = "memory_limit_bytes"
+    out = {}
+    for device in devices:
+        stats = device.memory_stats() or {}
+        found = {ours: int(stats[theirs]) for theirs, ours in keys.items() if theirs in stats}
+        if found:
+            out[f"{device.platform}:{device.id}"] = found
+    return out
+
+
+class GpuStats:
+    """NVML samples (utilisation, memory, temperature, power, SM clock) of the given GPUs, taken every
+    `every_s` seconds by a background thread; `take()` hands out the mean of the samples since the last
+    call. `nvml` is the pynvml module (nvidia-ml-py) or a stand-in with its functions (tests)."""
+
+    def __init__(self, indices: Sequence[int] | None, every_s: float, log: Callable[[str], None], nvml=None):
+        self.available, self._samples = False, collections.defaultdict(list)
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        try:
+            self.nvml = nvml if nvml is not None else importlib.import_module("pynvml")
+            self.nvml.nvmlInit()
+            count = self.nvml.nvmlDeviceGetCount()
+            self.indices = list(range(count)) if indices is None else [i for i in indices if i < count]
+            self.handles = {i: self.nvml.nvmlDeviceGetHandleByIndex(i) for i in self.indices}
+            self._sample()  # fail here, once, rather than in the thread
+        except Exception as err:  # no NVML library, no driver, no GPU: the run goes on without GPU stats
+            reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            log(
+                f"GPU stats unavailable ({reason}); training goes on without them (monitor.gpu_stats=false hides this)."
+            )
+            return
+        if not self.handles:
+            log("GPU stats unavailable (NVML sees none of this process's GPUs); training goes on without them.")
+            return
+        self.available = True
+        self._thread = threading.Thread(target=self._loop, args=(every_s,), name="dsjax-nvml", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        nv = self.nvml
+        for index, handle in self.handles.items():
+            sample = {
+                "gpu_utilization_pct": float(nv.nvmlDeviceGetUtilizationRates(handle).gpu),
+                "gpu_memory_used_bytes": int(nv.nvmlDeviceGetMemoryInfo(handle).used),
+                "gpu_temperature_c": float(nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)),
+                "gpu_power_w": nv.nvmlDeviceGetPowerUsage(handle) / 1000.0,  # NVML reports milliwatts
+                "gpu_sm_clock_mhz": float(nv.nvmlDeviceGetClockInfo(handle, nv.NVML_CLOCK_SM)),
+            }
+            with self._lock:
+                self._samples[index].append(sample)
+
+    def _loop(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self._sample()
+            except Exception:  # a transient NVML error: skip this sample
+                continue
+
+    def take(self) -> dict[str, dict[str, float]]:
+        """{"gpu<N>": mean of each stat over the samples since the last take} (empty if unavailable)."""
+        with self._lock:
+            samples, self._samples = self._samples, collections.defaultdict(list)
+        out = {}
+        for index, rows in samples.items():
+            out[f"gpu{index}"] = {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}
+            out[f"gpu{index}"]["gpu_memory_used_bytes"] = int(out[f"gpu{index}"]["gpu_memory_used_bytes"])
+        return out
+
+    def close(self) -> None:
+        if self.available:
+            self._stop.set()
+            self._thread.join()
+            self.available = False
+            with contextlib.suppress(Exception):
+                self.nvml.nvmlShutdown()
+
+
+# How a per-device value becomes the one number of a metrics.jsonl record (the device="all" series).
+_AGGREGATE: dict[str, Callable[[list], Any]] = {
+    "memory_in_use_bytes": max,
+    "memory_peak_bytes": max,
+    "memory_limit_bytes": max,
+    "gpu_utilization_pct": statistics.fmean,
+    "gpu_memory_used_bytes": max,
+    "gpu_temperature_c": max,
+    "gpu_power_w": sum,
+    "gpu_sm_clock_mhz": statistics.fmean,
+}
+
+
+def aggregate(per_device: dict[str, dict[str, float]]) -> dict[str, float]:
+    keys = {k for values in per_device.values() for k in values}
+    return {k: _AGGREGATE[k]([v[k] for v in per_device.values() if k in v]) for k in sorted(keys)}
+
+
+def nvml_indices(devices: Sequence[jax.Device]) -> list[int] | None:
+    """NVML indices of this process's GPUs (CUDA_VISIBLE_DEVICES renumbers them), or None if not GPUs."""
+    import os
+
+    gpus = [d for d in devices if d.platform == "gpu"]
+    if not gpus:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    mapping = [int(v) for v in visible.split(",")] if visible and all(v.isdigit() for v in visible.split(",")) else None
+    ids = [getattr(d, "local_hardware_id", d.id) for d in gpus]
+    return [mapping[i] if mapping is not None and i < len(mapping) else i for i in ids]
+
+
+class PrometheusSink:
+    """Every SCHEMA field with a Prometheus name as a gauge `dsjax_<name>{run, process, device}` and
+    `dsjax_advice{run, process, device, rule}`, served over HTTP by prometheus-client."""
+
+    def __init__(self, host: str, port: int, run: str, process: int):
+        import prometheus_client as prom
+
+        self.registry = prom.CollectorRegistry()
+        self.labels = {"run": run, "process": str(process)}
+        names = ("run", "process", "device")
+        self.gauges = {
+            f.key: prom.Gauge(
+                f"dsjax_{f.prom}", f.help + (f" ({f.unit})" if f.unit else ""), names, registry=self.registry
+            )
+            for f in SCHEMA
+            if f.prom
+        }
+        self.advice = prom.Gauge(
+            "dsjax_advice", "1 while an advisor rule fires", (*names, "rule"), registry=self.registry
+        )
+        try:
+            self.server, self.thread = prom.start_http_server(port, addr=host, registry=self.registry)
+        except OSError as err:
+            raise ConfigError(
+                f"monitor.prometheus_port={port}: cannot serve metrics on {host}:{port} ({err.strerror or err}); "
+                "another process probably holds the port. Choose a free port, or 0 to turn the exporter off."
+            ) from None
+        self.address = f"http://{host}:{self.server.server_port}/metrics"
+
+    def write(self, record: dict, per_device: dict[str, dict[str, float]]) -> None:
+        for key, value in record.items():
+            gauge = self.gauges.get(key)
+            if gauge is not None and isinstance(value, int | float) and not isinstance(value, bool):
+                gauge.labels(**self.labels, device="all").set(value)
+        for device, values in per_device.items():
+            for key, value in values.items():
+                self.gauges[key].labels(**self.labels, device=device).set(value)
+
+    def set_advice(self, rule: str, active: bool) -> None:
+        self.advice.labels(**self.labels, device="all", rule=rule).set(1 if active else 0)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+class TensorBoardSink:
+    """Scalars of every record in <out>/tensorboard (tensorboardX), tagged by their metrics.jsonl key."""
+
+    def __init__(self, directory: Path):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(logdir=str(directory), flush_secs=30)
+
+    def write(self, record: dict) -> None:
+        step = record["step"]
+        for key, value in record.items():
+            if (
+                key != "step"
+                and isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            ):
+                self.writer.add_scalar(key, value, step)  # a skipped step's NaN loss is left out, as in metrics.jsonl
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# MFU that the accelerator presets reached on one H100 / H200 in bf16 (experiments/RESULTS.md); the
+# advisor compares a run of the same model on the same kind of GPU against it.
+RECORDED_MFU: dict[str, tuple[float, str]] = {
+    "gpt2-124m": (0.375, "one H100, batch 32"),
+    "llama-1b": (0.548, "one H100, batch 8"),
+}
+# A lighter remat policy to suggest when memory is left over (one that saves more activations).
+LIGHTER_REMAT = {
+    "full": "dots",
+    "qkv_out": "dots",
+    "dots": "dots_attention",
+    "offload": "minimal",
+    "dots_attention": "none",
+    "minimal": "none",
+}
+GPU_UTILIZATION_FLOOR = 70.0  # percent; the seed's rule
+
+
+class Advisor:
+    """Rules over the recent training records; each returns advice (a sentence) or None. A rule fires
+    when it starts returning advice and clears when it stops; `observe` returns those transitions."""
+
+    def __init__(self, config: Config, device_kind: str, window: int = 3):
+        self.config, self.device_kind = config, device_kind
+        self.recent: collections.deque[dict] = collections.deque(maxlen=window)
+        self.seen = 0
+        self.active: set[str] = set()
+        self.preset = self._preset()
+        self.rules: dict[str, Callable[[list[dict]], str | None]] = {
+            "gpu_utilization": self.gpu_utilization,
+            "input_bound": self.input_bound,
+            "loss_scale": self.loss_scale,
+            "memory_headroom": self.memory_headroom,
+            "mfu_below_benchmark": self.mfu_below_benchmark,
+        }
+
+    def _preset(self) -> str | None:
+        from dsjax.config import preset
+
+        for name in RECORDED_MFU:
+            if preset(name).model == self.config.model:
+                return name
+        return None
+
+    def observe(self, record: dict) -> list[tuple[str, str | None]]:
+        """Feed one training record; returns [(rule, advice)] for rules that fired now and [(rule, None)]
+        for rules that cleared. The first record is left out (its window holds the first execution), and
+        the rules speak once two records are in."""
+        self.seen += 1
+        if self.seen > 1:
+            self.recent.append(record)
+        if len(self.recent) < 2:
+            return []
+        records = list(self.recent)
+        changes = []
+        for rule, check in self.rules.items():
+            advice = check(records)
+            if advice is not None and rule not in self.active:
+                self.active.add(rule)
+                changes.append((rule, advice))
+            elif advice is None and rule in self.active:
+                self.active.discard(rule)
+                changes.append((rule, None))
+        return changes
+
+    def gpu_utilization(self, records: list[dict]) -> str | None:
+        values = [r["gpu_utilization_pct"] for r in records if r.get("gpu_utilization_pct") is not None]
+        if not values or statistics.fmean(values) >= GPU_UTILIZATION_FLOOR:
+            return None
+        mesh, last = self.config.mesh, records[-1]
+        memory = ""
+        if last.get("memory_peak_bytes") and last.get("memory_limit_bytes"):
+            memory = (
+                f" (the step peaks at {last['memory_peak_bytes'] / last['memory_limit_bytes']:.0%} of device memory)"
+            )
+        layout = (
+            f" or give mesh.tensor={mesh.tensor}'s degree to mesh.fsdp / mesh.data (tensor parallelism waits on "
+            "collectives every layer)"
+            if mesh.tensor > 1
+            else ""
+        )
+        return (
+            f"GPU utilisation averaged {statistics.fmean(values):.0f}% over the last {len(values)} log windows, "
+            f"under {GPU_UTILIZATION_FLOOR:.0f}%: the GPUs wait on something. Raise train.batch_size "
+            f"(now {self.config.train.batch_size}){memory}{layout}; if the host is slow to make batches, see "
+            "the input_bound advice."
+        )
+
+    def input_bound(self, records: list[dict]) -> str | None:
+        first, last = records[0], records[-1]
+        if "data_wait_s" not in last or last["wall_s"] <= first["wall_s"]:  # the deltas of len(records) - 1 windows
+            return None
+        share = (last["data_wait_s"] - first["data_wait_s"]) / (last["wall_s"] - first["wall_s"])
+        if share <= 0.1:
+            return None
+        return (
+            f"the host spent {share:.0%} of the last log windows building batches: the steps are input-bound. "
+            "Use pre-tokenized data (--data.source=tokens) instead of tokenizing text on the fly, or a larger "
+            "train.batch_size so each step does more work per batch."
+        )
+
+    def loss_scale(self, records: list[dict]) -> str | None:
+        first, last = records[0], records[-1]
+        if "skipped_steps" not in last or last["step"] <= first["step"]:
+            return None
+        skipped, steps = last["skipped_steps"] - first["skipped_steps"], last["step"] - first["step"]
+        scale = last.get("loss_scale") or 0.0
+        if skipped / steps <= 0.05 and not (0 < scale < 1):
+            return None
+        return (
+            f"{skipped} of the last {steps} steps were skipped for non-finite gradients and the loss scale is "
+            f"{scale:g}: fp16 is overflowing. Lower train.lr (now {self.config.train.lr:g}), raise "
+            "train.warmup_steps, or train in bf16 (--precision.policy=bf16), which needs no loss scale."
+        )
+
+    def memory_headroom(self, records: list[dict]) -> str | None:
+        last, policy = records[-1], self.config.remat.policy
+        peak, limit = last.get("memory_peak_bytes"), last.get("memory_limit_bytes")
+        if not peak or not limit or policy not in LIGHTER_REMAT or peak > 0.5 * limit:
+            return None
+        return (
+            f"the step peaks at {peak / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB per device ({peak / limit:.0%}) "
+            f"with remat.policy={policy}: there is room to recompute less. Try "
+            f"--remat.policy={LIGHTER_REMAT[policy]} (or a larger train.batch_size); --dry-run shows the "
+            "compiled memory first."
+        )
+
+    def mfu_below_benchmark(self, records: list[dict]) -> str | None:
+        if self.preset is None or not any(k in self.device_kind for k in ("H100", "H200")):
+            return None
+        values = [r["mfu"] for r in records if r.get("mfu") is not None]
+        recorded, where = RECORDED_MFU[self.preset]
+        if not values or self.config.precision.policy != "bf16" or statistics.median(values) >= 0.7 * recorded:
+            return None
+        return (
+            f"MFU is {statistics.median(values):.1%}, far below the {recorded:.1%} the {self.preset} preset "
+            f"reached in experiments/RESULTS.md ({where}). Check train.batch_size, remat.policy and "
+            "model.attention (cudnn), and that no other process shares the GPU."
+        )
+
+
+class ProfileWindow:
+    """A jax.profiler trace from the dispatch of step START to the end of step END (1-based)."""
+
+    def __init__(self, span: tuple[int, int] | None, directory: Path | None):
+        self.span, self.directory, self.tracing = span, directory, False
+
+    def before(self, step: int) -> None:
+        """Before dispatching 0-based `step`."""
+        if self.span and not self.tracing and self.directory is not None and self.span[0] <= step + 1 <= self.span[1]:
+            jax.profiler.start_trace(str(self.directory))
+            self.tracing = True
+
+    def after(self, step: int, state) -> Path | None:
+        """After dispatching `step`; at END, waits for it and ends the trace. Returns the trace directory."""
+        if not self.tracing or step + 1 < self.span[1]:
+            return None
+        jax.block_until_ready(state)
+        return self.stop()
+
+    def stop(self) -> Path | None:
+        if not self.tracing:
+            return None
+        jax.profiler.stop_trace()
+        self.tracing = False
+        return self.directory
+
+
+class Monitor:
+    """The sinks and instruments of one run. `attach(out)` opens the files once the run directory exists;
+    `write` sends an event or evaluation record to the sinks; `training` completes a training record
+    (memory, goodput, GPU stats, advice) and sends it; `close` releases the port, the files, NVML."""
+
+    def __init__(
+        self,
+        config: Config,
+        run_name: str = "",
+        log: Callable[[str], None] = print,
+        goodput: Goodput | None = None,
+        devices: Sequence[jax.Device] | None = None,
+        nvml=None,
+    ):
+        m = config.monitor
+        self.config, self.log = config, log
+        self.goodput = goodput if goodput is not None else Goodput()
+        self.devices = list(devices) if devices is not None else jax.local_devices()
+        self.primary = distributed.is_primary()
+        self.jsonl: MetricsLog | None = None
+        self.tensorboard: TensorBoardSink | None = None
+        self.profile = ProfileWindow(config.profile.span(), None)
+        self.prometheus = None
+        if m.prometheus_port:
+            local_rank = distributed.process_env().local_rank
+            self.prometheus = PrometheusSink(
+                m.prometheus_host, m.prometheus_port + local_rank, m.run_name or run_name or "run", jax.process_index()
+            )
+            log(f"prometheus: serving {self.prometheus.address}")
+        indices = nvml_indices(self.devices)
+        self.gpus = None
+        if m.gpu_stats and (indices is not None or nvml is not None):
+            self.gpus = GpuStats(indices, m.gpu_every_s, log, nvml=nvml)
+        self.advisor = Advisor(config, self.devices[0].device_kind) if m.advisor else None
+        self.redo_until = 0  # steps up to this one were run by an earlier attempt (restart time)
+
+    def attach(self, out: Path | None) -> None:
+        """Open metrics.jsonl and the TensorBoard files in `out` (process 0) and aim the profiler there."""
+        if out is None:
+            return
+        self.profile.directory = out / "profile"
+        if not self.primary:
+            return
+        self.jsonl = MetricsLog(out / "metrics.jsonl")
+        if self.config.monitor.tensorboard:
+            self.tensorboard = TensorBoardSink(out / "tensorboard")
+
+    def write(self, record: dict, per_device: dict | None = None) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(record)
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+        if self.prometheus is not None:
+            self.prometheus.write(record, per_device or {})
+
+    def training(self, record: dict, window: tuple[int, int], step_time: float) -> list[dict]:
+        """Complete a training record (log step) and write it; returns it with the advice records after it.
+        Steps window[0]..window[1] (1-based, inclusive) ran since the last one, `step_time` seconds each."""
+        repeated = max(0, min(window[1], self.redo_until) - window[0] + 1)
+        if repeated:
+            self.goodput.add("restart", repeated * step_time)
+        per_device = memory_stats(self.devices)
+        if self.gpus is not None and self.gpus.available:
+            per_device.update(self.gpus.take())
+        full = {**record, **aggregate(per_device), **self.goodput.snapshot()}
+        self.write(full, per_device)
+        records = [full]
+        for rule, advice in self.advisor.observe(full) if self.advisor else []:
+            if self.prometheus is not None:
+                self.prometheus.set_advice(rule, advice is not None)
+            if advice is not None:
+                self.log(f"advice ({rule}): {advice}")
+                event = {"step": record["step"], "advice": rule, "message": advice}
+                self.write(event)
+                records.append(event)
+        return records
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        path = self.profile.stop()
+        if path is not None:
+            self.log(f"profile: the trace ended early (the run stopped); partial trace in {path}")
+        for sink in (self.gpus, self.prometheus, self.tensorboard, self.jsonl):
+            if sink is not None:
+                sink.close()
+        self.goodput.close()
