@@ -462,6 +462,16 @@ class ProfileWindow:
         return self.directory
 
 
+_told_no_gpus = False
+
+
+def _tell_no_gpus(log: Callable[[str], None], platform: str) -> None:
+    """Once per process (a notebook trains many times): GPU stats have nothing to sample here."""
+    global _told_no_gpus
+    _told_no_gpus = True
+    log(f"GPU stats unavailable (this run's devices are {platform}, not NVIDIA GPUs); training goes on without them.")
+
+
 class Monitor:
     """The sinks and instruments of one run. `attach(out)` opens the files once the run directory exists;
     `write` sends an event or evaluation record to the sinks; `training` completes a training record
@@ -495,6 +505,8 @@ class Monitor:
         self.gpus = None
         if m.gpu_stats and (indices is not None or nvml is not None):
             self.gpus = GpuStats(indices, m.gpu_every_s, log, nvml=nvml)
+        elif m.gpu_stats and not _told_no_gpus:
+            _tell_no_gpus(log, self.devices[0].platform)
         self.advisor = Advisor(config, self.devices[0].device_kind) if m.advisor else None
         self.redo_until = 0  # steps up to this one were run by an earlier attempt (restart time)
 

@@ -331,3 +331,13 @@ def test_advice_names_the_fix_and_is_logged_exported_and_written(tmp_path):
 def test_the_prometheus_names_are_unique():
     names = [f.prom for f in FIELDS.values() if f.prom]
     assert len(names) == len(set(names))
+
+
+def test_on_cpus_the_monitor_says_once_per_process_that_there_are_no_gpu_stats(monkeypatch):
+    monkeypatch.setattr(mon, "_told_no_gpus", False)
+    logs = []
+    for _ in range(2):
+        mon.Monitor(config(), "cpu", log=logs.append).close()
+    assert logs == [
+        "GPU stats unavailable (this run's devices are cpu, not NVIDIA GPUs); training goes on without them."
+    ]
