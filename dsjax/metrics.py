@@ -171,6 +171,11 @@ SCHEMA: tuple[Field, ...] = (
 FIELDS: dict[str, Field] = {f.key: f for f in SCHEMA}
 
 
+def is_number(value) -> bool:
+    """An int or float and not a bool (JSON true/false are not metrics)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def check_record(record: dict) -> None:
     """Raise ValueError naming the key if `record` does not follow SCHEMA (tests and dsjax.report)."""
     if "step" not in record:

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import importlib
 import math
 import statistics
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,8 @@ import jax
 
 from dsjax import distributed
 from dsjax.config import Config, ConfigError
-from dsjax.metrics import SCHEMA, MetricsLog
+from dsjax.metrics import FIELDS, SCHEMA, MetricsLog, is_number
+from dsjax.precision import DynamicLossScale, loss_scale_from_config
 
 LOST = ("setup", "compile", "checkpoint", "data_wait", "eval", "restart")
 _COMPILE_EVENTS = (
@@ -39,7 +42,7 @@ _COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_to_mlir_module_duration",
     "/jax/core/compile/backend_compile_duration",
 )
-_clocks: list[Goodput] = []  # the live Goodput clocks, fed by one process-wide compile listener
+_clocks: weakref.WeakSet[Goodput] = weakref.WeakSet()  # live clocks, fed by one process-wide compile listener
 _listening = False
 
 
@@ -63,7 +66,7 @@ class Goodput:
         if not _listening:
             jax.monitoring.register_event_duration_secs_listener(_on_duration)
             _listening = True
-        _clocks.append(self)
+        _clocks.add(self)
 
     @contextlib.contextmanager
     def timed(self, cause: str) -> Iterator[None]:
@@ -74,11 +77,15 @@ class Goodput:
         finally:
             self.lost[cause] += max(0.0, time.perf_counter() - t0 - (self.compiled - c0))
 
-    def timed_iter(self, items: Iterator, cause: str) -> Iterator:
-        """`items`, with the time spent producing each counted as `cause`."""
+    def timed_iter(self, items: Iterator, cause: str, idle: Callable[[], bool]) -> Iterator:
+        """`items`, with the time spent producing each counted as `cause` when `idle()` said, before it,
+        that the device had nothing left to run (host time while queued steps run costs nothing)."""
         done = object()
         while True:
-            with self.timed(cause):
+            if idle():
+                with self.timed(cause):
+                    item = next(items, done)
+            else:
                 item = next(items, done)
             if item is done:
                 return
@@ -108,8 +115,7 @@ class Goodput:
         }
 
     def close(self) -> None:
-        if self in _clocks:
-            _clocks.remove(self)
+        _clocks.discard(self)
 
 
 def memory_stats(devices: Sequence[jax.Device]) -> dict[str, dict[str, int]]:
@@ -126,29 +132,49 @@ def memory_stats(devices: Sequence[jax.Device]) -> dict[str, dict[str, int]]:
     return out
 
 
+_said_unavailable = False
+
+
+def _unavailable(log: Callable[[str], None], reason: str) -> None:
+    """Say once per process (a notebook trains many times) that there are no GPU stats, and why."""
+    global _said_unavailable
+    if not _said_unavailable:
+        _said_unavailable = True
+        log(f"GPU stats unavailable ({reason}); training goes on without them (monitor.gpu_stats=false hides this).")
+
+
 class GpuStats:
     """NVML samples (utilisation, memory, temperature, power, SM clock) of the given GPUs, taken every
     `every_s` seconds by a background thread; `take()` hands out the mean of the samples since the last
-    call. `nvml` is the pynvml module (nvidia-ml-py) or a stand-in with its functions (tests)."""
+    call (the last one again when none came in since). `nvml` is the pynvml module (nvidia-ml-py) or a
+    stand-in with its functions (tests).
+
+    NVML numbers GPUs in PCI bus order and CUDA by default fastest first; on the usual nodes of identical
+    GPUs the two agree. With CUDA_DEVICE_ORDER=FASTEST_FIRST on mixed GPUs they may not."""
 
     def __init__(self, indices: Sequence[int] | None, every_s: float, log: Callable[[str], None], nvml=None):
-        self.available, self._samples = False, collections.defaultdict(list)
+        self.available, self._samples, self._last = False, collections.defaultdict(list), {}
         self._lock, self._stop = threading.Lock(), threading.Event()
+        self.nvml, started = nvml, False
         try:
-            self.nvml = nvml if nvml is not None else importlib.import_module("pynvml")
+            if self.nvml is None:
+                self.nvml = importlib.import_module("pynvml")
             self.nvml.nvmlInit()
+            started = True
             count = self.nvml.nvmlDeviceGetCount()
             self.indices = list(range(count)) if indices is None else [i for i in indices if i < count]
             self.handles = {i: self.nvml.nvmlDeviceGetHandleByIndex(i) for i in self.indices}
             self._sample()  # fail here, once, rather than in the thread
         except Exception as err:  # no NVML library, no driver, no GPU: the run goes on without GPU stats
-            reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-            log(
-                f"GPU stats unavailable ({reason}); training goes on without them (monitor.gpu_stats=false hides this)."
-            )
+            if started:
+                with contextlib.suppress(Exception):
+                    self.nvml.nvmlShutdown()
+            _unavailable(log, f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
             return
+        self.take()  # that sample saw the GPUs before training: only the fallback until the thread's first
         if not self.handles:
-            log("GPU stats unavailable (NVML sees none of this process's GPUs); training goes on without them.")
+            self.nvml.nvmlShutdown()
+            _unavailable(log, "NVML sees none of this process's GPUs")
             return
         self.available = True
         self._thread = threading.Thread(target=self._loop, args=(every_s,), name="dsjax-nvml", daemon=True)
@@ -178,11 +204,10 @@ class GpuStats:
         """{"gpu<N>": mean of each stat over the samples since the last take} (empty if unavailable)."""
         with self._lock:
             samples, self._samples = self._samples, collections.defaultdict(list)
-        out = {}
         for index, rows in samples.items():
-            out[f"gpu{index}"] = {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}
-            out[f"gpu{index}"]["gpu_memory_used_bytes"] = int(out[f"gpu{index}"]["gpu_memory_used_bytes"])
-        return out
+            means = {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}
+            self._last[f"gpu{index}"] = {**means, "gpu_memory_used_bytes": int(means["gpu_memory_used_bytes"])}
+        return dict(self._last)
 
     def close(self) -> None:
         if self.available:
@@ -228,8 +253,15 @@ class PrometheusSink:
     """Every SCHEMA field with a Prometheus name as a gauge `dsjax_<name>{run, process, device}` and
     `dsjax_advice{run, process, device, rule}`, served over HTTP by prometheus-client."""
 
-    def __init__(self, host: str, port: int, run: str, process: int):
+    def __init__(self, host: str, port: int, local_rank: int, run: str, process: int):
         import prometheus_client as prom
+
+        serve = port + local_rank  # several processes on one host: one port each
+        where = f"monitor.prometheus_host={host!r}, monitor.prometheus_port={port}" + (
+            f" + local rank {local_rank} = {serve}" if local_rank else ""
+        )
+        if serve > 65535:
+            raise ConfigError(f"{where}: past the last TCP port, 65535. Choose a lower monitor.prometheus_port.")
 
         self.registry = prom.CollectorRegistry()
         self.labels = {"run": run, "process": str(process)}
@@ -245,22 +277,27 @@ class PrometheusSink:
             "dsjax_advice", "1 while an advisor rule fires", (*names, "rule"), registry=self.registry
         )
         try:
-            self.server, self.thread = prom.start_http_server(port, addr=host, registry=self.registry)
+            self.server, self.thread = prom.start_http_server(serve, addr=host, registry=self.registry)
         except OSError as err:
+            why = {
+                errno.EADDRINUSE: "another process holds that port; choose a free one",
+                errno.EACCES: "ports below 1024 need privileges; choose a higher one",
+            }.get(err.errno, "check that the host is an address of this machine")
             raise ConfigError(
-                f"monitor.prometheus_port={port}: cannot serve metrics on {host}:{port} ({err.strerror or err}); "
-                "another process probably holds the port. Choose a free port, or 0 to turn the exporter off."
+                f"{where}: cannot serve metrics on {host}:{serve} ({err.strerror or err}): {why}, or set "
+                "monitor.prometheus_port=0 to turn the exporter off."
             ) from None
         self.address = f"http://{host}:{self.server.server_port}/metrics"
 
     def write(self, record: dict, per_device: dict[str, dict[str, float]]) -> None:
         for key, value in record.items():
             gauge = self.gauges.get(key)
-            if gauge is not None and isinstance(value, int | float) and not isinstance(value, bool):
+            if gauge is not None and is_number(value):
                 gauge.labels(**self.labels, device="all").set(value)
         for device, values in per_device.items():
             for key, value in values.items():
-                self.gauges[key].labels(**self.labels, device=device).set(value)
+                if FIELDS[key].per_device:
+                    self.gauges[key].labels(**self.labels, device=device).set(value)
 
     def set_advice(self, rule: str, active: bool) -> None:
         self.advice.labels(**self.labels, device="all", rule=rule).set(1 if active else 0)
@@ -282,12 +319,7 @@ class TensorBoardSink:
     def write(self, record: dict) -> None:
         step = record["step"]
         for key, value in record.items():
-            if (
-                key != "step"
-                and isinstance(value, int | float)
-                and not isinstance(value, bool)
-                and math.isfinite(value)
-            ):
+            if key != "step" and is_number(value) and math.isfinite(value):
                 self.writer.add_scalar(key, value, step)  # a skipped step's NaN loss is left out, as in metrics.jsonl
 
     def close(self) -> None:
@@ -400,13 +432,22 @@ class Advisor:
         if "skipped_steps" not in last or last["step"] <= first["step"]:
             return None
         skipped, steps = last["skipped_steps"] - first["skipped_steps"], last["step"] - first["step"]
-        scale = last.get("loss_scale") or 0.0
-        if skipped / steps <= 0.05 and not (0 < scale < 1):
+        precision, t = self.config.precision, self.config.train
+        dynamic = isinstance(loss_scale_from_config(precision), DynamicLossScale)
+        floored = dynamic and last.get("loss_scale") is not None and last["loss_scale"] <= precision.min_scale
+        if skipped / steps <= 0.05 and not (floored and skipped):
             return None
+        common = f"Lower train.lr (now {t.lr:g}) or raise train.warmup_steps (now {t.warmup_steps})"
+        if not dynamic:  # no loss scale to blame: the gradients themselves are not finite
+            return (
+                f"{skipped} of the last {steps} steps were skipped for non-finite gradients (precision.policy="
+                f"{precision.policy}, no loss scaling): the training is unstable. {common}, check the data, or "
+                "let --checkpoint.rollback_on_nonfinite=true step back past bad batches."
+            )
         return (
             f"{skipped} of the last {steps} steps were skipped for non-finite gradients and the loss scale is "
-            f"{scale:g}: fp16 is overflowing. Lower train.lr (now {self.config.train.lr:g}), raise "
-            "train.warmup_steps, or train in bf16 (--precision.policy=bf16), which needs no loss scale."
+            f"{last['loss_scale']:g} (precision.min_scale = {precision.min_scale:g}): fp16 is overflowing. "
+            f"{common}, or train in bf16 (--precision.policy=bf16), which needs no loss scale."
         )
 
     def memory_headroom(self, records: list[dict]) -> str | None:
@@ -439,11 +480,19 @@ class ProfileWindow:
     """A jax.profiler trace from the dispatch of step START to the end of step END (1-based)."""
 
     def __init__(self, span: tuple[int, int] | None, directory: Path | None):
-        self.span, self.directory, self.tracing = span, directory, False
+        self.span, self.directory, self.tracing, self.done = span, directory, False, False
+
+    def check(self) -> None:
+        """A ConfigError if a trace is asked for and there is no run directory to write it to."""
+        if self.span and self.directory is None:
+            raise ConfigError(
+                f"profile.steps={self.span[0]}:{self.span[1]} writes a trace into the run directory; give the "
+                "run one (--out, or the `out` argument of dsjax.train.fit / dsjax.train.train)."
+            )
 
     def before(self, step: int) -> None:
-        """Before dispatching 0-based `step`."""
-        if self.span and not self.tracing and self.directory is not None and self.span[0] <= step + 1 <= self.span[1]:
+        """Before dispatching 0-based `step`. One trace per run, even if a rollback runs the span again."""
+        if self.span and not (self.tracing or self.done) and self.span[0] <= step + 1 <= self.span[1]:
             jax.profiler.start_trace(str(self.directory))
             self.tracing = True
 
@@ -458,18 +507,8 @@ class ProfileWindow:
         if not self.tracing:
             return None
         jax.profiler.stop_trace()
-        self.tracing = False
+        self.tracing, self.done = False, True
         return self.directory
-
-
-_told_no_gpus = False
-
-
-def _tell_no_gpus(log: Callable[[str], None], platform: str) -> None:
-    """Once per process (a notebook trains many times): GPU stats have nothing to sample here."""
-    global _told_no_gpus
-    _told_no_gpus = True
-    log(f"GPU stats unavailable (this run's devices are {platform}, not NVIDIA GPUs); training goes on without them.")
 
 
 class Monitor:
@@ -494,27 +533,31 @@ class Monitor:
         self.jsonl: MetricsLog | None = None
         self.tensorboard: TensorBoardSink | None = None
         self.profile = ProfileWindow(config.profile.span(), None)
-        self.prometheus = None
-        if m.prometheus_port:
-            local_rank = distributed.process_env().local_rank
+        self.advisor = Advisor(config, self.devices[0].device_kind) if m.advisor else None
+        self.redo_until = 0  # steps up to this one were run by an earlier attempt (restart time)
+        self._productive = 0.0  # productive_s of the last training record
+        self.prometheus, self.gpus = None, None
+        if m.prometheus_port:  # the one step here that can fail, so it comes before the NVML thread starts
             self.prometheus = PrometheusSink(
-                m.prometheus_host, m.prometheus_port + local_rank, m.run_name or run_name or "run", jax.process_index()
+                m.prometheus_host,
+                m.prometheus_port,
+                distributed.process_env().local_rank,
+                m.run_name or run_name or "run",
+                jax.process_index(),
             )
             log(f"prometheus: serving {self.prometheus.address}")
         indices = nvml_indices(self.devices)
-        self.gpus = None
         if m.gpu_stats and (indices is not None or nvml is not None):
             self.gpus = GpuStats(indices, m.gpu_every_s, log, nvml=nvml)
-        elif m.gpu_stats and not _told_no_gpus:
-            _tell_no_gpus(log, self.devices[0].platform)
-        self.advisor = Advisor(config, self.devices[0].device_kind) if m.advisor else None
-        self.redo_until = 0  # steps up to this one were run by an earlier attempt (restart time)
+        elif m.gpu_stats:
+            _unavailable(log, f"this run's devices are {self.devices[0].platform}, not NVIDIA GPUs")
 
     def attach(self, out: Path | None) -> None:
         """Open metrics.jsonl and the TensorBoard files in `out` (process 0) and aim the profiler there."""
         if out is None:
             return
-        self.profile.directory = out / "profile"
+        several = jax.process_count() > 1  # each process writes its own trace: one folder per process
+        self.profile.directory = out / "profile" / (f"process{jax.process_index()}" if several else "")
         if not self.primary:
             return
         self.jsonl = MetricsLog(out / "metrics.jsonl")
@@ -529,16 +572,19 @@ class Monitor:
         if self.prometheus is not None:
             self.prometheus.write(record, per_device or {})
 
-    def training(self, record: dict, window: tuple[int, int], step_time: float) -> list[dict]:
+    def training(self, record: dict, window: tuple[int, int]) -> list[dict]:
         """Complete a training record (log step) and write it; returns it with the advice records after it.
-        Steps window[0]..window[1] (1-based, inclusive) ran since the last one, `step_time` seconds each."""
+        Steps window[0]..window[1] (1-based, inclusive) ran since the last one; the share of the productive
+        time since then that went to steps an earlier attempt had run moves to restart."""
         repeated = max(0, min(window[1], self.redo_until) - window[0] + 1)
         if repeated:
-            self.goodput.add("restart", repeated * step_time)
+            since = self.goodput.snapshot()["productive_s"] - self._productive
+            self.goodput.add("restart", since * repeated / (window[1] - window[0] + 1))
         per_device = memory_stats(self.devices)
         if self.gpus is not None and self.gpus.available:
             per_device.update(self.gpus.take())
         full = {**record, **aggregate(per_device), **self.goodput.snapshot()}
+        self._productive = full["productive_s"]
         self.write(full, per_device)
         records = [full]
         for rule, advice in self.advisor.observe(full) if self.advisor else []:
@@ -558,10 +604,11 @@ class Monitor:
         self.close()
 
     def close(self) -> None:
-        path = self.profile.stop()
-        if path is not None:
-            self.log(f"profile: the trace ended early (the run stopped); partial trace in {path}")
-        for sink in (self.gpus, self.prometheus, self.tensorboard, self.jsonl):
-            if sink is not None:
-                sink.close()
-        self.goodput.close()
+        """Release everything, each even if another fails (the first error is raised after)."""
+        with contextlib.ExitStack() as stack:
+            stack.callback(self.goodput.close)
+            for sink in (self.jsonl, self.tensorboard, self.prometheus, self.gpus):
+                if sink is not None:
+                    stack.callback(sink.close)
+            if self.profile.stop() is not None:
+                self.log(f"profile: the run stopped inside profile.steps; partial trace in {self.profile.directory}")

@@ -312,6 +312,7 @@ def fit(
         with Monitor(run.config, "" if out is None else out.name, log) as monitor:
             monitor.attach(out)
             return fit(run, out, progress, log, compiled, checkpointer, preemption, monitor)
+    monitor.profile.check()
     goodput = monitor.goodput
     history: list[dict] = []
 
@@ -376,7 +377,7 @@ def fit(
             "mfu_causal": mfu[1],
             "step_time_s": elapsed / window_steps,
         }
-        history.extend(monitor.training(entry, (window_first + 1, latest[0] + 1), elapsed / window_steps))
+        history.extend(monitor.training(entry, (window_first + 1, latest[0] + 1)))
         bar.set_postfix_str(
             f"loss {values['loss']:.3f}  tok/s {tokens_per_sec:,.0f}  "
             + ("MFU n/a" if mfu[0] is None else f"MFU {100 * mfu[0]:.1f}%")
@@ -397,10 +398,16 @@ def fit(
         pending: collections.deque = collections.deque()
         indices = (i for i in itertools.count(first + run.batch_offset) if i not in skip)
         feed = indexed_batches(run, run.train_samples, itertools.islice(indices, t.steps - first))
-        for step, (index, batch) in zip(range(first, t.steps), goodput.timed_iter(feed, "data_wait"), strict=True):
+        # Building a batch costs the device time only when it has run everything dispatched so far.
+        idle = lambda: latest[1] is None or latest[1]["loss"].is_ready()  # noqa: E731
+        for step, (index, batch) in zip(
+            range(first, t.steps), goodput.timed_iter(feed, "data_wait", idle), strict=True
+        ):
             monitor.profile.before(step)
             run.state, metrics = compiled(run.state, batch)
+            tracing = time.perf_counter()
             if (trace := monitor.profile.after(step, run.state)) is not None:
+                window_start += time.perf_counter() - tracing  # writing the trace is not a training step
                 log(f"profile: steps {monitor.profile.span[0]}-{step + 1} traced into {trace}")
                 record({"step": step + 1, "profile": str(trace)})
             run.batch_offset = index - step  # the data position the next checkpoint records
@@ -612,6 +619,8 @@ def train(
     will_restore = directory is not None and (directory.exists() or c.restore not in ("auto", "none"))
     # The exporter's port is taken before anything slow, so a taken port fails the run at once.
     with Monitor(config, "" if out is None else Path(out).name, log, goodput) as monitor:
+        if out_dir is None:
+            monitor.profile.check()  # before anything is built
         return _train(config, out_dir, directory, will_restore, progress, log, monitor)
 
 
@@ -632,10 +641,8 @@ def _train(
     checkpointer, restored = None, None
     if will_restore:
         checkpointer = ckpt.Checkpointer(directory, c, log)
-        started = time.perf_counter()
-        restored = restore(run, checkpointer, log)
-        if restored is not None:  # reading the state back is time lost to the restart
-            monitor.goodput.add("restart", time.perf_counter() - started)
+        with monitor.goodput.timed("restart"):  # reading the state back is time lost to the restart
+            restored = restore(run, checkpointer, log)
         materialize(run)  # nothing was restored: start from the initialisation
     compiled = prepare(run, log)
     if out_dir is not None:
