@@ -123,7 +123,7 @@ SCHEMA: tuple[Field, ...] = (
         "data_wait_s",
         _NUM,
         "s",
-        "the host producing batches (an upper bound on the device's wait)",
+        "the host building batches while the device had no step left to run",
         "data_wait_seconds",
     ),
     Field("eval_s", _NUM, "s", "evaluating", "eval_seconds"),

@@ -10,8 +10,9 @@ wraps profile.steps in a jax.profiler trace.
 Goodput follows the usual definition (productive training time / wall time) with the lost time split by
 cause, each measured on the training thread: setup (mesh, model, state), compile (JAX's own compile-time
 events, so recompiles anywhere count), checkpoint (the loop blocked on a save), data_wait (the host
-building batches), eval, restart (restoring a checkpoint, and steps an earlier attempt had already run
-and this one repeats). productive_s is the rest of the wall time.
+building batches while the device has no step left to run), eval, restart (restoring a checkpoint, and
+the share of step time spent on steps an earlier attempt had already run). productive_s is the rest of
+the wall time.
 """
 
 from __future__ import annotations
@@ -422,7 +423,8 @@ class Advisor:
         if share <= 0.1:
             return None
         return (
-            f"the host spent {share:.0%} of the last log windows building batches: the steps are input-bound. "
+            f"the device waited {share:.0%} of the last log windows for the host to build batches: the steps are "
+            "input-bound. "
             "Use pre-tokenized data (--data.source=tokens) instead of tokenizing text on the fly, or a larger "
             "train.batch_size so each step does more work per batch."
         )
