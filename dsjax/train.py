@@ -365,7 +365,7 @@ def fit(
         now = time.perf_counter()
         elapsed, window_steps = now - window_start, latest[0] + 1 - window_first
         if window_steps == 0:  # log steps closer together than METRICS_LAG: the last window counted these
-            record({"step": step + 1, **values})
+            history.extend(monitor.training({"step": step + 1, **values}, (window_first + 1, window_first)))
             return
         tokens_per_sec = run.tokens_per_step * window_steps / elapsed
         mfu = [None if run.peak_flops is None else tokens_per_sec * f / run.peak_flops for f in run.flops_per_token]

@@ -302,7 +302,8 @@ def test_short_training_run(capsys, tmp_path):
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     train_lines = [r for r in records if "loss" in r]
     eval_lines = [r for r in records if "eval_loss" in r]
-    assert len(train_lines) + len(eval_lines) == len(records)
+    advice = [r for r in records if "advice" in r]  # the advisor may speak, depending on the machine's timing
+    assert len(train_lines) + len(eval_lines) + len(advice) == len(records)
     assert [r["step"] for r in train_lines] == [2, 4, 6]
     assert [r["step"] for r in eval_lines] == [0, 3, 6]
     for r in train_lines:
