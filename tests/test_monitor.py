@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dsjax import monitor as mon
 from dsjax import train
+from dsjax.advisor import Advisor
 from dsjax.config import (
     CheckpointConfig,
     Config,
@@ -286,8 +287,8 @@ def stream(advisor, rows):
     return [change for row in rows for change in advisor.observe(row)]
 
 
-def advisor_for(name: str = "gpt2-124m") -> mon.Advisor:
-    return mon.Advisor(preset(name), "NVIDIA H100 80GB HBM3")
+def advisor_for(name: str = "gpt2-124m") -> Advisor:
+    return Advisor(preset(name), "NVIDIA H100 80GB HBM3")
 
 
 @pytest.mark.parametrize(
@@ -312,7 +313,7 @@ def test_each_advisor_rule_fires_on_its_stream_and_clears(rule, bad):
 @pytest.mark.parametrize("policy, fires", [("fp16", True), ("bf16", False)])
 def test_a_loss_scale_pinned_at_its_floor_is_advice_only_with_loss_scaling(policy, fires):
     cfg = preset("gpt2-124m")
-    advisor = mon.Advisor(cfg.replace(precision=PrecisionConfig(policy=policy)), "NVIDIA H100 80GB HBM3")
+    advisor = Advisor(cfg.replace(precision=PrecisionConfig(policy=policy)), "NVIDIA H100 80GB HBM3")
     rows = [healthy(s, skipped_steps=s // 60, loss_scale=1.0) for s in (10, 40, 70, 100)]  # one skip, step 60
     changes = stream(advisor, rows)
     assert [rule for rule, _ in changes] == (["loss_scale"] if fires else [])
