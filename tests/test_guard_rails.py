@@ -10,7 +10,8 @@ import pytest
 import dsjax as ds
 from dsjax.config import ConfigError
 from dsjax.precision import parse_policy
-from dsjax.train import _mesh_peak, main
+from dsjax.run import _mesh_peak
+from dsjax.train import main
 
 SMALL = ["--train.batch_size=8", "--train.seq_len=32", "--model.n_layers=1", "--model.d_model=32",
          "--model.n_heads=2", "--model.n_kv_heads=2", "--model.d_ff=64"]  # fmt: skip
