@@ -13,7 +13,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import statistics
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -56,7 +60,9 @@ class Field:
     unit: str
     help: str
     prom: str = ""
-    per_device: bool = False  # exported once per device (device label "gpu<N>" / the JAX device id)
+    # A value measured per device (exported once per device, label "gpu<N>" / the JAX device id): how the
+    # devices' values fold into the record's one value (the device="all" series); None if not per device.
+    per_device: Callable[[list], Any] | None = None
 
 
 _NUM = (int, float)
@@ -89,7 +95,7 @@ SCHEMA: tuple[Field, ...] = (
         "bytes",
         "device memory in use (largest over local devices)",
         "memory_in_use_bytes",
-        per_device=True,
+        per_device=max,
     ),
     Field(
         "memory_peak_bytes",
@@ -97,7 +103,7 @@ SCHEMA: tuple[Field, ...] = (
         "bytes",
         "peak device memory in use so far (largest over local devices)",
         "memory_peak_bytes",
-        per_device=True,
+        per_device=max,
     ),
     Field(
         "memory_limit_bytes",
@@ -105,7 +111,7 @@ SCHEMA: tuple[Field, ...] = (
         "bytes",
         "device memory the allocator may use",
         "memory_limit_bytes",
-        per_device=True,
+        per_device=max,
     ),
     Field("wall_s", _NUM, "s", "wall time since the run started (this process)", "wall_seconds"),
     Field("goodput", _NUM, "fraction", "productive_s / wall_s", "goodput"),
@@ -140,7 +146,7 @@ SCHEMA: tuple[Field, ...] = (
         "%",
         "NVML GPU utilisation (mean over local GPUs)",
         "gpu_utilization_percent",
-        per_device=True,
+        per_device=statistics.fmean,
     ),
     Field(
         "gpu_memory_used_bytes",
@@ -148,7 +154,7 @@ SCHEMA: tuple[Field, ...] = (
         "bytes",
         "NVML memory used (largest over local GPUs)",
         "gpu_memory_used_bytes",
-        per_device=True,
+        per_device=max,
     ),
     Field(
         "gpu_temperature_c",
@@ -156,10 +162,17 @@ SCHEMA: tuple[Field, ...] = (
         "°C",
         "NVML GPU temperature (hottest local GPU)",
         "gpu_temperature_celsius",
-        per_device=True,
+        per_device=max,
     ),
-    Field("gpu_power_w", _NUM, "W", "NVML power draw (sum over local GPUs)", "gpu_power_watts", per_device=True),
-    Field("gpu_sm_clock_mhz", _NUM, "MHz", "NVML SM clock (mean over local GPUs)", "gpu_sm_clock_mhz", per_device=True),
+    Field("gpu_power_w", _NUM, "W", "NVML power draw (sum over local GPUs)", "gpu_power_watts", per_device=sum),
+    Field(
+        "gpu_sm_clock_mhz",
+        _NUM,
+        "MHz",
+        "NVML SM clock (mean over local GPUs)",
+        "gpu_sm_clock_mhz",
+        per_device=statistics.fmean,
+    ),
     Field("restored_from", (str,), "", "event: the run resumed from this checkpoint"),
     Field("rollback_to", (int,), "steps", "event: a non-finite step rolled the run back to this step"),
     Field("skipped_batches", (list,), "", "event: global batch indices left out after the rollback"),
@@ -174,6 +187,13 @@ FIELDS: dict[str, Field] = {f.key: f for f in SCHEMA}
 def is_number(value) -> bool:
     """An int or float and not a bool (JSON true/false are not metrics)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def finite_number(value) -> float | None:
+    """`value` as a float if it is a finite real number; None for JSON null, NaN / inf (a skipped step's
+    loss in a run's in-memory history), bools and anything else: the values a plot or a scalar log skips."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
 
 
 def check_record(record: dict) -> None:

@@ -21,21 +21,20 @@ import collections
 import contextlib
 import errno
 import importlib
-import math
+import os
 import statistics
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import jax
 
 from dsjax import distributed
 from dsjax.advisor import Advisor
 from dsjax.config import Config, ConfigError
-from dsjax.metrics import FIELDS, SCHEMA, MetricsLog, is_number
+from dsjax.metrics import FIELDS, SCHEMA, MetricsLog, finite_number, is_number
 
 LOST = ("setup", "compile", "checkpoint", "data_wait", "eval", "restart")
 _COMPILE_EVENTS = (
@@ -122,8 +121,11 @@ class Goodput:
 def memory_stats(devices: Sequence[jax.Device]) -> dict[str, dict[str, int]]:
     """{device id: {memory_in_use_bytes, memory_peak_bytes, memory_limit_bytes}} from the allocator's
     statistics; empty where the backend keeps none (CPU)."""
-    keys = {"bytes_in_use": "memory_in_use_bytes", "peak_bytes_in_use": "memory_peak_bytes"}
-    keys["bytes_limit"] = "memory_limit_bytes"
+    keys = {
+        "bytes_in_use": "memory_in_use_bytes",
+        "peak_bytes_in_use": "memory_peak_bytes",
+        "bytes_limit": "memory_limit_bytes",
+    }
     out = {}
     for device in devices:
         stats = device.memory_stats() or {}
@@ -219,28 +221,14 @@ class GpuStats:
                 self.nvml.nvmlShutdown()
 
 
-# How a per-device value becomes the one number of a metrics.jsonl record (the device="all" series).
-_AGGREGATE: dict[str, Callable[[list], Any]] = {
-    "memory_in_use_bytes": max,
-    "memory_peak_bytes": max,
-    "memory_limit_bytes": max,
-    "gpu_utilization_pct": statistics.fmean,
-    "gpu_memory_used_bytes": max,
-    "gpu_temperature_c": max,
-    "gpu_power_w": sum,
-    "gpu_sm_clock_mhz": statistics.fmean,
-}
-
-
 def aggregate(per_device: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The record's value of each per-device key, folded as its SCHEMA field says."""
     keys = {k for values in per_device.values() for k in values}
-    return {k: _AGGREGATE[k]([v[k] for v in per_device.values() if k in v]) for k in sorted(keys)}
+    return {k: FIELDS[k].per_device([v[k] for v in per_device.values() if k in v]) for k in sorted(keys)}
 
 
 def nvml_indices(devices: Sequence[jax.Device]) -> list[int] | None:
     """NVML indices of this process's GPUs (CUDA_VISIBLE_DEVICES renumbers them), or None if not GPUs."""
-    import os
-
     gpus = [d for d in devices if d.platform == "gpu"]
     if not gpus:
         return None
@@ -297,7 +285,7 @@ class PrometheusSink:
                 gauge.labels(**self.labels, device="all").set(value)
         for device, values in per_device.items():
             for key, value in values.items():
-                if FIELDS[key].per_device:
+                if FIELDS[key].per_device is not None:
                     self.gauges[key].labels(**self.labels, device=device).set(value)
 
     def set_advice(self, rule: str, active: bool) -> None:
@@ -320,8 +308,8 @@ class TensorBoardSink:
     def write(self, record: dict) -> None:
         step = record["step"]
         for key, value in record.items():
-            if key != "step" and is_number(value) and math.isfinite(value):
-                self.writer.add_scalar(key, value, step)  # a skipped step's NaN loss is left out, as in metrics.jsonl
+            if key != "step" and (number := finite_number(value)) is not None:
+                self.writer.add_scalar(key, number, step)  # a skipped step's NaN loss is left out, as in metrics.jsonl
 
     def close(self) -> None:
         self.writer.close()

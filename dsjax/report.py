@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
-import numbers
 import statistics
 import sys
 from pathlib import Path
 
-from dsjax.metrics import FIELDS, check_record
+from dsjax.metrics import FIELDS, check_record, finite_number
 
 GIB = 2**30
 EVENTS = ("restored_from", "rollback_to", "advice", "profile")
@@ -50,12 +48,6 @@ class ReportError(ValueError):
 
 def _kind(record: dict) -> str:
     return next((k for k in EVENTS if k in record), "eval" if "eval_loss" in record else "train")
-
-
-def _number(value) -> float | None:
-    # JSON null in a file, NaN / inf in the in-memory history: both mean "no point to draw".
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
 
 
 def latest(records: list[dict]) -> list[dict]:
@@ -103,7 +95,7 @@ def load(run_dir: str | Path) -> list[dict]:
 
 
 def _series(records: list[dict], key: str, scale: float = 1) -> tuple[list[int], list[float]]:
-    points = [(r["step"], _number(r.get(key))) for r in records if _kind(r) in ("train", "eval")]
+    points = [(r["step"], finite_number(r.get(key))) for r in records if _kind(r) in ("train", "eval")]
     return [s for s, v in points if v is not None], [v * scale for _, v in points if v is not None]
 
 
@@ -158,7 +150,7 @@ def _fmt(value: float | None, spec: str = ".4f", unit: str = "") -> str:
 
 
 def _median(values: list) -> float | None:
-    values = [v for v in map(_number, values) if v is not None]
+    values = [v for v in map(finite_number, values) if v is not None]
     return statistics.median(values) if values else None
 
 
@@ -214,14 +206,14 @@ def summary(run_dir: str | Path | None, records: list[dict]) -> str:
     out.append(f"- restarts: {len(restarts)}")
     out += [f"  - resumed at step {r['step']} from `{r['restored_from']}`" for r in restarts]
 
-    last = next((r for r in reversed(train) if _number(r.get("goodput")) is not None), None)
+    last = next((r for r in reversed(train) if finite_number(r.get("goodput")) is not None), None)
     if last is not None:
-        wall = _number(last.get("wall_s"))
+        wall = finite_number(last.get("wall_s"))
         note = "productive_s / wall_s of the last process; a restarted run's time before the restart is not in it"
         out += ["", "## Goodput", "", f"Goodput {last['goodput']:.1%} at step {last['step']} ({note}).", ""]
         out += ["| time | s | % of wall |", "|---|---:|---:|"]
         for key in (*BREAKDOWN, "wall_s"):
-            value = _number(last.get(key))
+            value = finite_number(last.get(key))
             if value is not None:
                 share = _fmt(wall and 100 * value / wall, ".1f", "%")
                 out.append(f"| {key.removesuffix('_s')} | {value:.1f} | {share} |")

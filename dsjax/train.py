@@ -225,6 +225,11 @@ def fit(
         pending: collections.deque = collections.deque()
         indices = (i for i in itertools.count(first + run.batch_offset) if i not in skip)
         feed = indexed_batches(run, run.train_samples, itertools.islice(indices, t.steps - first))
+
+        def drain() -> None:  # read every dispatched step's metrics (before a save, an eval, the end)
+            while pending:
+                report_pending(pending)
+
         # Building a batch costs the device time only when it has run everything dispatched so far.
         idle = lambda: latest[1] is None or latest[1]["loss"].is_ready()  # noqa: E731
         for step, (index, batch) in zip(
@@ -244,8 +249,7 @@ def fit(
                 report_pending(pending)
             bar.update(1)
             if preemption is not None and checkpointer is not None and checks_due(step) and preemption.agreed():
-                while pending:
-                    report_pending(pending)
+                drain()
                 with goodput.timed("checkpoint"):
                     saved = checkpointer.save(run.state, checkpoint_meta(run))
                     checkpointer.wait()
@@ -258,17 +262,14 @@ def fit(
             if checkpointer is not None and checkpointer.due(step + 1, clock=checks_due(step)) and step + 1 != t.steps:
                 # Every step a checkpoint covers is in metrics.jsonl before the checkpoint can exist: a job
                 # killed after the save resumes past these steps and would never log them again.
-                while pending:
-                    report_pending(pending)
+                drain()
                 with goodput.timed("checkpoint"):
                     checkpointer.save(run.state, checkpoint_meta(run))
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 != t.steps:
-                while pending:
-                    report_pending(pending)
+                drain()
                 record({"step": step + 1, "eval_loss": timed_evaluate()})
                 window_start, window_first = time.perf_counter(), step + 1
-        while pending:
-            report_pending(pending)
+        drain()
 
     recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=max_skips + 1)  # (step, batch index)
 
