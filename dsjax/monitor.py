@@ -149,8 +149,9 @@ def _unavailable(log: Callable[[str], None], reason: str) -> None:
 class GpuStats:
     """NVML samples (utilisation, memory, temperature, power, SM clock) of the given GPUs, taken every
     `every_s` seconds by a background thread; `take()` hands out the mean of the samples since the last
-    call (the last one again when none came in since). `nvml` is the pynvml module (nvidia-ml-py) or a
-    stand-in with its functions (tests).
+    call, reading the GPUs once itself when none came in since (a log window shorter than every_s), so a
+    record never repeats an older window's figures (say, those of the compilation). `nvml` is the pynvml
+    module (nvidia-ml-py) or a stand-in with its functions (tests).
 
     NVML numbers GPUs in PCI bus order and CUDA by default fastest first; on the usual nodes of identical
     GPUs the two agree. With CUDA_DEVICE_ORDER=FASTEST_FIRST on mixed GPUs they may not."""
@@ -205,6 +206,11 @@ class GpuStats:
 
     def take(self) -> dict[str, dict[str, float]]:
         """{"gpu<N>": mean of each stat over the samples since the last take} (empty if unavailable)."""
+        with self._lock:
+            fresh = any(self._samples.values())
+        if self.available and not fresh:
+            with contextlib.suppress(Exception):  # an NVML error: the last means again
+                self._sample()
         with self._lock:
             samples, self._samples = self._samples, collections.defaultdict(list)
         for index, rows in samples.items():

@@ -191,7 +191,7 @@ class FakeNvml(types.SimpleNamespace):
     NVML_TEMPERATURE_GPU, NVML_CLOCK_SM = 0, 1
 
     def __init__(self, count=2, fail=None):
-        super().__init__(count=count, fail=fail, shut=False, samples=0)
+        super().__init__(count=count, fail=fail, shut=False, samples=0, util=40)
 
     def nvmlInit(self):
         if self.fail:
@@ -208,7 +208,7 @@ class FakeNvml(types.SimpleNamespace):
 
     def nvmlDeviceGetUtilizationRates(self, h):
         self.samples += 1
-        return types.SimpleNamespace(gpu=40 + 10 * h)
+        return types.SimpleNamespace(gpu=self.util + 10 * h)
 
     def nvmlDeviceGetMemoryInfo(self, h):
         return types.SimpleNamespace(used=(h + 1) * 2**30, total=80 * 2**30)
@@ -243,6 +243,18 @@ def test_gpu_stats_sample_in_the_background_and_aggregate_per_record():
     assert whole["gpu_utilization_pct"] == 45.0 and whole["gpu_power_w"] == 601.0
     assert whole["gpu_temperature_c"] == 51.0 and whole["gpu_memory_used_bytes"] == 2 * 2**30
     check_record({"step": 1, **whole})
+
+
+def test_a_window_shorter_than_the_sampling_period_reads_the_gpus_then_rather_than_repeat_old_figures():
+    # On an H200 the first three records of a gpt2-124m run repeated the utilisation sampled while the
+    # step compiled (9%): log windows of 0.7 s, samples every 2 s. The advisor then advised on them.
+    fake = FakeNvml(count=1)
+    stats = mon.GpuStats(None, every_s=3600, log=print, nvml=fake)  # the thread never samples in this test
+    fake.util = 97
+    assert stats.take()["gpu0"]["gpu_utilization_pct"] == 97.0
+    fake.util = 98
+    assert stats.take()["gpu0"]["gpu_utilization_pct"] == 98.0
+    stats.close()
 
 
 def test_without_nvml_the_monitor_says_so_once_and_goes_on(monkeypatch):
