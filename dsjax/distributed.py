@@ -356,6 +356,7 @@ class CommContext:
             (len(self.devices),), ("process",), devices=self.devices, axis_types=(jax.sharding.AxisType.Auto,)
         )
         self.device = self.devices[jax.process_index()]
+        self._split = NamedSharding(self.mesh, P("process"))  # the joined input: one block per process
 
     # -- who am I -------------------------------------------------------------------------------------
 
@@ -445,22 +446,23 @@ class CommContext:
         return body
 
     def _run(self, verb: str, x, op: str | None = None, src: int | None = None):
-        x = jnp.asarray(x)  # a jax.Array or tracer as it is; a host value onto the default device
-        _check_op(op, x.dtype)
+        if not isinstance(x, jax.Array):  # a jax.Array or tracer as it is; a host value onto the default device
+            x = jnp.asarray(x)
         if self.axis:
+            _check_op(op, x.dtype)
             if verb == "reduce_scatter" and x.shape[0] % jax.lax.axis_size(self.axis):
                 raise JobConfigError(
                     f"reduce_scatter splits dimension 0 ({x.shape[0]}) over mesh axis {self.axis!r} of size "
                     f"{jax.lax.axis_size(self.axis)}; it must be a multiple of it."
                 )
             return self._body(verb, self.axis, op, src)(x)
-        self._agree(verb, x, op, src)
-        n, scalar = len(self.devices), x.ndim == 0
-        x = x.reshape(1) if scalar else x
         key = (verb, op, src, x.shape, x.dtype)
-        if key not in self._programs:
+        program = self._programs.get(key)
+        if program is None:  # first call of this signature: check it, agree on it, build its program
+            _check_op(op, x.dtype)
+            self._agree(verb, x, op, src)
             body = self._body(verb, "process", op, src)
-            self._programs[key] = jax.jit(
+            program = self._programs[key] = jax.jit(
                 jax.shard_map(
                     body,
                     mesh=self.mesh,
@@ -469,12 +471,12 @@ class CommContext:
                     check_vma=False,  # all_gather's result is the same everywhere, which vma typing cannot see
                 )
             )
+        n, scalar = len(self.devices), x.ndim == 0
+        x = x.reshape(1) if scalar else x
         # The processes' arrays, end to end along dim 0, form one global array: no copy of x is made.
         local = x if x.devices() == {self.device} else jax.device_put(x, self.device)
-        joined = jax.make_array_from_single_device_arrays(
-            (n * x.shape[0], *x.shape[1:]), NamedSharding(self.mesh, P("process")), [local]
-        )
-        block = self._programs[key](joined).addressable_data(0)
+        joined = jax.make_array_from_single_device_arrays((n * x.shape[0], *x.shape[1:]), self._split, [local])
+        block = program(joined).addressable_data(0)
         if scalar:
             return block.reshape(n) if verb == "all_gather" else block.reshape(())
         return block
