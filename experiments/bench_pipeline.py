@@ -60,11 +60,15 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=1)
     parser.add_argument("--out", default="/tmp/dsjax-bench-pipeline.jsonl")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every run")
+    parser.add_argument("--one-gpu-ms", type=float, help="one-GPU step time measured earlier (skips that run)")
     args = parser.parse_args()
     out = Path(args.out)
     base_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [".", os.environ.get("PYTHONPATH")]))}
 
-    one = measure(args, [*args.set, "mesh.fsdp=1"], {**base_env, "CUDA_VISIBLE_DEVICES": "0"}, out)
+    if args.one_gpu_ms:
+        one = {"step_time_ms": args.one_gpu_ms, "device": "(one-GPU time given)", "jax": "-"}
+    else:
+        one = measure(args, [*args.set, "mesh.fsdp=1"], {**base_env, "CUDA_VISIBLE_DEVICES": "0"}, out)
     if one is None:
         sys.exit("the one-GPU baseline failed; see the output above")
     rows = [("one GPU", 1, "-", one["step_time_ms"], None, None)]
