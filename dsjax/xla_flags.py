@@ -19,16 +19,23 @@ import jaxlib
 
 # jaxlib major.minor -> {flag: value}. GPU flags are parsed (and ignored) by the CPU backend too.
 #
+# Adopted for 0.11 (experiments/RESULTS.md, 2026-11-28, jaxlib 0.11.2, 4x H200):
+#   --xla_gpu_all_reduce_combine_threshold_bytes=268435456  XLA combines the gradient all-reduces of data
+#     parallelism into buckets of up to 256 MiB rather than XLA's default size: llama-1b data 4 271.1 -> 263.1 ms and
+#     266.8 -> 264.7 ms (two machines), data 2 263.4 -> 261.3 ms; 64 MiB and 1 GiB measured the same as 256.
 # Measured and not adopted (experiments/RESULTS.md, 2026-11-28, jaxlib 0.11.2 on H100/H200):
 #   --xla_gpu_enable_triton_gemm=false             gpt2-124m 2% and llama-1b 8% slower (one H100)
 #   --xla_gpu_enable_latency_hiding_scheduler=true llama-1b FSDP on 4 and 2 GPUs within 0.2% (already on)
-# Parsed by jaxlib 0.11.2 but not measured: the pipelined all-gather / reduce-scatter / all-reduce switches,
-# the collective combine thresholds, while-loop double buffering, the highest-priority async stream and
-# command buffers. Removed by 0.11 (an abort if set): xla_gpu_graph_level, xla_gpu_enable_async_all_gather.
+#   --xla_gpu_enable_cublaslt=true                 gpt2-124m batch 32 within 0.1% (one H200)
+#   --xla_gpu_enable_cudnn_layer_norm=true         gpt2-124m batch 32 0.8% slower (one H200)
+# Parsed by jaxlib 0.11.2 but not measured: the pipelined all-gather / reduce-scatter / all-reduce
+# switches, the all-gather and reduce-scatter combine thresholds, while-loop double buffering, the
+# highest-priority async stream and command buffers. Removed by 0.11 (an abort if set):
+# xla_gpu_graph_level, xla_gpu_enable_async_all_gather.
 # An empty entry is a validated "no flags": dsjax's defaults there are XLA's own.
 FLAGS: dict[str, dict[str, str]] = {
     "0.10": {},
-    "0.11": {},
+    "0.11": {"xla_gpu_all_reduce_combine_threshold_bytes": "268435456"},
 }
 
 
