@@ -10,7 +10,9 @@ a buffer of P stage inputs, sharded over the pipeline axis, goes through `vmap(s
 its own stage on its own slot), then rolls by one slot, which XLA lowers to a collective permute between
 neighbouring stages. At tick t stage s works on item t - s: microbatch (t - s) mod M in repeat
 (t - s) // M. Stage 0 takes a fresh microbatch in repeat 0 and, with R > 1, the last stage's output of
-the previous repeat otherwise (kept in a per-microbatch store, which needs M >= P). Autodiff of the loop
+the previous repeat otherwise (kept in a per-microbatch store, which needs M >= P). The roll brings the
+last stage's output to stage 0's slot, and the store keeps it there (a store split over the stages, whose
+stage-0 part alone is used): only the result of the whole loop leaves stage 0, once per step. Autodiff of the loop
 gives the backward pass in reverse tick order: all forward work, then all backward work (GPipe), with
 the activations of every tick kept (or rematerialised as the remat policy says). Idle slots (the
 bubble, a fraction (P - 1) / (R M + P - 1) of the ticks) compute on zeros or stale activations whose
@@ -168,24 +170,34 @@ def _run(stage, x, stacked, logical, plan, mesh):
     xs = microbatches(x, M, mesh, ("act_batch", "act_seq", "act_embed"))  # (M, mb, T, D)
     slot = jnp.arange(P)
     run_stages = jax.vmap(stage, spmd_axis_name="pipeline")
+    # The last stage's outputs are kept where they arrive, in stage 0's slot of a store split over the
+    # stages (the roll at the end of each tick carries them there): no tick moves them to other stages.
+    store_axes = ("stage", None, "act_batch", "act_seq", "act_embed")
+
+    def record(store, inputs, t):  # inputs[0] holds the last stage's output of item t - P
+        item = t - P
+        keep = (item >= 0) & (item < R * M) & (slot == 0)
+        index = jnp.maximum(item, 0) % M
+        kept = jnp.where(keep[:, None, None, None], inputs, store[:, index])
+        return constrain(store.at[:, index].set(kept), store_axes, mesh)
 
     def tick(carry, t):
-        inputs, store = carry  # (P, mb, T, D) stage inputs, (M, mb, T, D) last-stage outputs
-        first = jnp.where(t < M, xs[t % M], store[t % M])  # stage 0: repeat 0 takes a fresh microbatch
-        inputs = constrain(jnp.where((slot == 0)[:, None, None, None], first[None], inputs), STAGE_ACT, mesh)
+        inputs, store = carry  # (P, mb, T, D) stage inputs, (P, M, mb, T, D) last-stage outputs
+        store = record(store, inputs, t)
+        # stage 0: repeat 0 takes a fresh microbatch, a later repeat the last stage's output of the one before
+        first = jnp.where(t < M, xs[t % M][None], store[:, t % M])
+        inputs = constrain(jnp.where((slot == 0)[:, None, None, None], first, inputs), STAGE_ACT, mesh)
         repeat = jnp.clip((t - slot) // M, 0, R - 1)  # the chunk each stage runs at this tick
         chunk = jax.vmap(lambda w, r: jax.tree.map(lambda a: a[r], w))(weights, repeat)
         outputs = constrain(run_stages(chunk, inputs), STAGE_ACT, mesh)
-        item = t - (P - 1)  # the last stage's work item: microbatch item % M of repeat item // M
-        done = (item >= 0) & (item < R * M)
-        index = jnp.maximum(item, 0) % M
-        store = store.at[index].set(jnp.where(done, outputs[P - 1], store[index]))
         return (jnp.roll(outputs, 1, axis=0), store), None
 
     inputs = constrain(jnp.zeros((P, *xs.shape[1:]), xs.dtype), STAGE_ACT, mesh)
+    store = constrain(jnp.zeros((P, *xs.shape), xs.dtype), store_axes, mesh)
     ticks = R * M + P - 1  # the forward loop (also 1F1B's forward-only uses, whose own loop is longer)
-    (_, store), _ = jax.lax.scan(tick, (inputs, jnp.zeros_like(xs)), jnp.arange(ticks))
-    return merge_microbatches(store, mesh, ("act_batch", "act_seq", "act_embed"))
+    (inputs, store), _ = jax.lax.scan(tick, (inputs, store), jnp.arange(ticks))
+    store = record(store, inputs, ticks)  # the last tick's output
+    return merge_microbatches(store[0], mesh, ("act_batch", "act_seq", "act_embed"))
 
 
 def value_and_grad_1f1b(graphdef, params, batch: jax.Array, mesh: jax.sharding.Mesh, plan: Plan, seed: jax.Array):
