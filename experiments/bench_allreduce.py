@@ -5,7 +5,8 @@ Run one process per GPU through the launcher (here 2 GPUs; the figures are in ex
     python -m dsjax.launch --nproc=2 --run=experiments/bench_allreduce.py -- --out=allreduce.json
 
 Each size (1 MiB to 1 GiB of float32 per process by default) is reduced `--iters` times after `--warmup`
-calls, each call timed to completion; the median is reported. Bus bandwidth follows nccl-tests:
+calls, each call timed to completion, the three ways below taking turns; the median is reported. Bus
+bandwidth follows nccl-tests:
 bytes * 2 (n - 1) / n / time. "plain JAX" is a jitted shard_map psum over the same one-device-per-process
 mesh, on an array already laid out over it, so the difference is CommContext's own per-call work
 (assembling the global array, the cached program lookup, picking the local result); "plain_assembled_ms"
@@ -53,15 +54,20 @@ def main(argv: list[str]) -> int:
     def assembled(shape, local):  # the plain program on a global array built from the local one
         return plain(jax.make_array_from_single_device_arrays(shape, split, [local]))
 
-    def timed(fn, x) -> float:
+    def timed(calls: list) -> list[float]:
+        """Median time of each (fn, arg) call; the calls take turns in every iteration, so a drift of the
+        machine (clocks, a first large allocation) falls on all of them alike."""
         for _ in range(args.warmup):
-            jax.block_until_ready(fn(x))
-        times = []
-        for _ in range(args.iters):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(x))
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+            for fn, arg in calls:
+                jax.block_until_ready(fn(arg))
+        times = [[] for _ in calls]
+        for i in range(args.iters):
+            for k in range(len(calls)):  # rotate the order too
+                fn, arg = calls[(i + k) % len(calls)]
+                start = time.perf_counter()
+                jax.block_until_ready(fn(arg))
+                times[(i + k) % len(calls)].append(time.perf_counter() - start)
+        return [statistics.median(t) for t in times]
 
     rows = []
     mib = args.min_mib
@@ -70,8 +76,9 @@ def main(argv: list[str]) -> int:
         x = jax.device_put(jnp.full((count,), float(comm.get_rank() + 1), jnp.float32), comm.device)
         joined = jax.make_array_from_single_device_arrays((n * count,), split, [x])
         assert float(comm.all_reduce(x)[0]) == n * (n + 1) / 2
-        t_comm, t_plain = timed(comm.all_reduce, x), timed(plain, joined)
-        t_fresh = timed(functools.partial(assembled, joined.shape), x)
+        t_comm, t_plain, t_fresh = timed(
+            [(comm.all_reduce, x), (plain, joined), (functools.partial(assembled, joined.shape), x)]
+        )
         bus = 4 * count * 2 * (n - 1) / n
         row = {
             "MiB": mib,
