@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 test: lint
-	$(PY) -m pytest -n 2 --dist loadfile -q --nbmake
+	$(PY) -m pytest -n 2 --dist loadfile -q --nbmake --durations=25
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -206,9 +206,9 @@ class GpuStats:
 
     def take(self) -> dict[str, dict[str, float]]:
         """{"gpu<N>": mean of each stat over the samples since the last take} (empty if unavailable)."""
-        with self._lock:
-            fresh = any(self._samples.values())
-        if self.available and not fresh:
+        with self._lock:  # every GPU must have a reading (the thread may be halfway through its GPUs)
+            fresh = all(self._samples.get(index) for index in self.handles) if self.available else True
+        if not fresh:
             with contextlib.suppress(Exception):  # an NVML error: the last means again
                 self._sample()
         with self._lock:

@@ -257,6 +257,18 @@ def test_a_window_shorter_than_the_sampling_period_reads_the_gpus_then_rather_th
     stats.close()
 
 
+def test_a_take_between_the_threads_readings_of_two_gpus_reads_the_one_still_missing():
+    fake = FakeNvml(count=2)
+    stats = mon.GpuStats(None, every_s=3600, log=print, nvml=fake)
+    fake.util = 90
+    handles, stats.handles = stats.handles, {0: 0}
+    stats._sample()  # the thread's reading of GPU 0 only, as if take() came before it reached GPU 1
+    stats.handles = handles
+    taken = stats.take()
+    assert taken["gpu0"]["gpu_utilization_pct"] == 90.0 and taken["gpu1"]["gpu_utilization_pct"] == 100.0
+    stats.close()
+
+
 def test_without_nvml_the_monitor_says_so_once_and_goes_on(monkeypatch):
     monkeypatch.setattr(mon, "_said_unavailable", False)
     logs = []
