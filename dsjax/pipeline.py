@@ -12,11 +12,11 @@ neighbouring stages. At tick t stage s works on item t - s: microbatch (t - s) m
 (t - s) // M. Stage 0 takes a fresh microbatch in repeat 0 and, with R > 1, the last stage's output of
 the previous repeat otherwise (kept in a per-microbatch store, which needs M >= P). The roll brings the
 last stage's output to stage 0's slot, and the store keeps it there (a store split over the stages, whose
-stage-0 part alone is used): only the result of the whole loop leaves stage 0, once per step. Autodiff of the loop
-gives the backward pass in reverse tick order: all forward work, then all backward work (GPipe), with
-the activations of every tick kept (or rematerialised as the remat policy says). Idle slots (the
-bubble, a fraction (P - 1) / (R M + P - 1) of the ticks) compute on zeros or stale activations whose
-outputs are never used, so they contribute nothing to the loss or the gradients.
+stage-0 part alone is used): only the result of the whole loop leaves stage 0, once per step. Autodiff
+of the loop gives the backward pass in reverse tick order: all forward work, then all backward work
+(GPipe), with the activations of every tick kept (or rematerialised as the remat policy says). Idle slots
+(the bubble, a fraction (P - 1) / (R M + P - 1) of the ticks) compute on zeros or stale activations
+whose outputs are never used, so they contribute nothing to the loss or the gradients.
 
 1F1B (`value_and_grad_1f1b`) is a different loop: the backward pass is written into it instead of
 derived by autodiff, so each tick holds one forward and one backward pass per stage and a stage keeps at
