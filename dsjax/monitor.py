@@ -149,7 +149,7 @@ def _unavailable(log: Callable[[str], None], reason: str) -> None:
 class GpuStats:
     """NVML samples (utilisation, memory, temperature, power, SM clock) of the given GPUs, taken every
     `every_s` seconds by a background thread; `take()` hands out the mean of the samples since the last
-    call, reading the GPUs once itself when none came in since (a log window shorter than every_s), so a
+    call, reading the GPUs once itself when a GPU has none since (a log window shorter than every_s), so a
     record never repeats an older window's figures (say, those of the compilation). `nvml` is the pynvml
     module (nvidia-ml-py) or a stand-in with its functions (tests).
 
@@ -207,8 +207,8 @@ class GpuStats:
     def take(self) -> dict[str, dict[str, float]]:
         """{"gpu<N>": mean of each stat over the samples since the last take} (empty if unavailable)."""
         with self._lock:  # every GPU must have a reading (the thread may be halfway through its GPUs)
-            fresh = all(self._samples.get(index) for index in self.handles) if self.available else True
-        if not fresh:
+            stale = self.available and not all(self._samples.get(index) for index in self.handles)
+        if stale:
             with contextlib.suppress(Exception):  # an NVML error: the last means again
                 self._sample()
         with self._lock:
