@@ -7,7 +7,8 @@ global batch size, the mesh it was saved from and the full config). There is no 
 data order and the initialisation derive from `train.seed`, which the config carries.
 
 Life of a checkpoint: Orbax writes it into a temporary directory (in the background with async saves;
-training waits only for the copy off the devices) and renames it to `<step>` when complete. dsjax then
+training waits only for a copy of the state on the devices, or where there is no room for one, for the copy
+off the devices: see Checkpointer.save) and renames it to `<step>` when complete. dsjax then
 writes `dsjax_manifest.json` into it: the size and SHA-256 of every file. Only a checkpoint with a manifest
 that matches its files is ever restored; one without (a save cut off before the manifest, or a removed
 manifest) or with a mismatch (a truncated or altered file) is reported by path and skipped for the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -86,10 +88,42 @@ def unflatten(template, flat: dict[str, Any]):
 
 
 @jax.jit
-@jax.jit
 def _all_finite(tree) -> jax.Array:
     leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _device_copy(arrays: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """New buffers, with the same shardings (so on the same devices), holding the values of `arrays`; one
+    program. Also takes jax.ShapeDtypeStructs, to compile ahead: `_device_copy(abstract).compile()`."""
+    copy = _copier(tuple((key, x.sharding) for key, x in arrays.items()))
+    return copy.lower(arrays) if isinstance(next(iter(arrays.values()), None), jax.ShapeDtypeStruct) else copy(arrays)
+
+
+@functools.lru_cache(maxsize=4)
+def _copier(shardings: tuple) -> Callable:
+    return jax.jit(lambda arrays: {key: jnp.copy(x) for key, x in arrays.items()}, out_shardings=dict(shardings))
+
+
+def device_room(arrays: dict[str, jax.Array]) -> str | None:
+    """None when every device that holds part of `arrays` has room for one more copy of its part next to
+    the most it has held so far (a training step's peak); otherwise what is missing, as a sentence. Devices
+    without memory statistics (CPU) are taken to have room."""
+    need: dict = {}
+    for x in arrays.values():
+        for shard in x.addressable_shards:
+            need[shard.device] = need.get(shard.device, 0) + shard.data.nbytes
+    for device, nbytes in need.items():
+        stats = device.memory_stats() or {}
+        if "bytes_limit" not in stats:
+            continue
+        free = stats["bytes_limit"] - stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))
+        if nbytes > free:
+            return (
+                f"{device} has {free / 2**30:.2f} GiB free at its peak, and its part of the state is "
+                f"{nbytes / 2**30:.2f} GiB"
+            )
+    return None
 
 
 def is_finite(tree) -> bool:
@@ -168,6 +202,10 @@ class Checkpointer:
         self.last_saved: int | None = None
         self._watcher: threading.Thread | None = None
         self._warming: threading.Thread | None = None
+        self._handoff: threading.Thread | None = None  # issues the Orbax save of a device copy (see save)
+        self._issued: int | None = None  # the newest step whose Orbax save() call has returned
+        self._no_room_told = False
+        self.handoff_s: list[float] = []  # per background handoff: from save() to Orbax holding the arrays on host
         # Old checkpoints are deleted here, not by Orbax: only once a newer one has its manifest (Orbax's
         # max_to_keep would delete a verified checkpoint before its successor is verifiable, and while the
         # manifest thread may still be reading it). The directory is created at the first save, so a run
@@ -204,7 +242,15 @@ class Checkpointer:
 
     def save(self, state, meta: dict) -> bool:
         """Save `state` as checkpoint `state.step` (asynchronously when configured); False, with a warning,
-        when the state holds NaN or Inf (such a checkpoint is never written)."""
+        when the state holds NaN or Inf (such a checkpoint is never written).
+
+        With async saves Orbax copies the arrays off the devices before save() returns (the first copy of a
+        process is slow: 7-15 s for llama-1b on a GPU); the file writes follow in the background. With
+        checkpoint.device_copy (the default) the loop does not wait for that either: the state is copied on
+        the devices (new buffers, a few milliseconds) and a background thread hands the copy to Orbax. That
+        needs room on each device for one more copy of its part of the state; without it, or in a
+        multi-process job (where Orbax's save calls must stay in the main thread's order of collectives),
+        the loop waits for the copy off the devices as before."""
         self.check()
         step = int(jax.device_get(state.step))
         if step == self.last_saved:
@@ -212,35 +258,84 @@ class Checkpointer:
         if not is_finite(state):
             self.log(f"warning: not saving a checkpoint at step {step}: the train state holds NaN or Inf.")
             return False
+        self._join_handoff()  # one save in hand at a time, issued to Orbax in step order
+        self.check()
         if self.primary:  # process 0 alone writes manifests and deletes old checkpoints
             with self._lock:
                 self._unverified.append(step)
         self.dir.mkdir(parents=True, exist_ok=True)
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(flatten(state)), meta=ocp.args.JsonSave({"format": FORMAT, **meta})
-        )
+        arrays, meta = flatten(state), {"format": FORMAT, **meta}
+        copy = self._copy_on_device(arrays)  # dispatched behind the step that made `state`; no wait here
+        if copy is not None:
+            self._handoff = threading.Thread(
+                target=self._issue,
+                args=(step, copy, meta, time.perf_counter()),
+                name="dsjax-checkpoint-handoff",
+                daemon=True,
+            )
+            self._handoff.start()
+        else:
+            self._issue(step, arrays, meta)
+            self.check()
+        self.last_saved, self._last_time = step, time.monotonic()
+        return True
+
+    def _copy_on_device(self, arrays: dict) -> dict | None:
+        """A copy of `arrays` on their devices, or None where save() should not make one."""
+        if not (self.cfg.async_save and self.cfg.device_copy) or jax.process_count() > 1:
+            return None
+        missing = device_room(arrays)
+        if missing is None:
+            try:
+                return _device_copy(arrays)
+            except ValueError as err:  # arrays on different sets of devices cannot go through one program
+                missing = f"the state's arrays cannot be copied in one program ({err})"
+        if not self._no_room_told:
+            self._no_room_told = True
+            self.log(
+                f"note: checkpoints are copied off the devices while training waits (no copy on the devices: "
+                f"{missing}); set --checkpoint.device_copy=false to silence this."
+            )
+        return None
+
+    def _issue(self, step: int, arrays: dict, meta: dict, background_since: float | None = None) -> None:
+        """Hand checkpoint `step` to Orbax (which returns once the arrays are off the devices); in the
+        background thread of save() (since perf_counter `background_since`), errors go to check()."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta))
         try:  # Orbax first finishes the previous background save, and raises here if that one failed
             self.manager.save(step, args=args, force=True)
         except Exception as err:
-            raise CheckpointError(f"saving a checkpoint to {self.dir} failed: {type(err).__name__}: {err}") from err
+            error = CheckpointError(f"saving a checkpoint to {self.dir} failed: {type(err).__name__}: {err}")
+            if background_since is None:
+                raise error from err
+            self._error = error  # surfaced by check() (the next save, wait(), close())
+            return
+        self._issued = step
+        if background_since is not None:
+            self.handoff_s.append(time.perf_counter() - background_since)
         if self.primary and self.cfg.async_save:
             self._watch()
         elif self.primary:
             self._write_manifests(lambda step: True)
-        self.check()
-        self.last_saved, self._last_time = step, time.monotonic()
-        return True
+
+    def _join_handoff(self) -> None:
+        if self._handoff is not None:
+            self._handoff.join()
+            self._handoff = None
 
     def warm_up(self, state) -> None:
-        """Compile the non-finite check for `state`'s shapes in a background thread while training runs,
-        instead of inside the first save, while the loop waits (0.5 s on llama-1b)."""
+        """Compile the non-finite check (and the device copy) for `state`'s shapes in a background thread
+        while training runs, instead of inside the first save, while the loop waits (0.5 s on llama-1b)."""
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        copies = self.cfg.async_save and self.cfg.device_copy and jax.process_count() == 1
 
         def work():
             try:
                 _all_finite.lower(abstract).compile()
-            except Exception as err:  # an optimisation only: the first save compiles it if this fails
-                self.log(f"warning: compiling the checkpoint's finiteness check in the background failed ({err}).")
+                if copies:
+                    _device_copy(flatten(abstract)).compile()
+            except Exception as err:  # an optimisation only: the first save compiles them if this fails
+                self.log(f"warning: compiling the checkpoint's programs in the background failed ({err}).")
 
         # Joined by wait(): a process must not exit (and tear XLA down) while this thread is compiling.
         self._warming = threading.Thread(target=work, name="dsjax-checkpoint-warm-up", daemon=True)
@@ -252,7 +347,7 @@ class Checkpointer:
         in progress)."""
         if not (self.dir / str(step)).is_dir():
             return False
-        return (self.last_saved is not None and self.last_saved > step) or not self.manager.is_saving_in_progress()
+        return (self._issued is not None and self._issued > step) or not self.manager.is_saving_in_progress()
 
     def _write_manifests(self, ready: Callable[[int], bool]) -> None:
         """Write the manifest of every saved step that `ready` accepts; each step is written exactly once."""
@@ -310,6 +405,7 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Finish every pending save, write its manifest and surface any failure."""
+        self._join_handoff()
         try:
             self.manager.wait_until_finished()
         except Exception as err:

@@ -272,6 +272,11 @@ class CheckpointConfig:
     every_minutes: float = doc(0.0, "also save when this many minutes passed since the last save (0: off)")
     keep: int = doc(3, "finalized checkpoints kept (older ones are deleted)")
     async_save: bool = doc(True, "write in the background; training waits only for the copy off the devices")
+    device_copy: bool = doc(
+        True,
+        "with async_save: copy the state on the devices and take that copy off them in a background thread, so "
+        "training does not wait for it (needs room for one more copy of the state; single-process runs)",
+    )
     restore: str = doc("auto", "'auto' (latest good checkpoint in dir, if any), 'none', a step number or a path")
     fallback: bool = doc(True, "if the chosen checkpoint is corrupt, warn and use the previous good one")
     enabled: bool = doc(True, "save and restore checkpoints at all (needs a run directory)")

@@ -10,7 +10,10 @@ Measured, in one process on the same compiled step (dsjax.train.build / prepare,
   the training loop does (dsjax.checkpoint.Checkpointer.save); the writes still in the background when
   the last step finished are reported apart, as final_flush_s;
 - save_blocking_s: how long each save() held up the training loop once its step had finished (the copy
-  off the devices for async saves; the whole write with --sync), median over the saves;
+  on the devices with checkpoint.device_copy, the copy off the devices for async saves without it, the
+  whole write with --sync), median over the saves; handoff_each_s: with the device copy, how long its
+  background thread took to get each copy to Orbax (off the devices), while training went on;
+- peak_memory_gib: the most memory any local device held during the run (the device copy adds one state);
 - save_total_s: from the last save() call (at the last step when --every divides --steps) until the
   checkpoint was finalized and its manifest written;
 - verify_s: checking the newest checkpoint against its manifest (the SHA-256 of every file), alone;
@@ -107,6 +110,8 @@ def main() -> None:
     final_flush = time.perf_counter() - t0
     # total save time of the last save: until wait() returned (finalized, manifest written)
     save_total = time.perf_counter() - totals[-1] if totals else None
+    peak_gib = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()) / memory.GIB
+    peak_gib = round(peak_gib, 3) or None
     saved_bytes = sum(p.stat().st_size for p in (directory / str(saver.last_saved)).rglob("*") if p.is_file())
     saver.manager.close()
 
@@ -134,6 +139,7 @@ def main() -> None:
                 "mesh": run.degrees,
                 "batch": config.train.batch_size,
                 "async_save": not args.sync,
+                "device_copy": config.checkpoint.device_copy,
                 "warm_up": not args.no_warm_up,
                 "steps": args.steps,
                 "every": args.every,
@@ -145,6 +151,9 @@ def main() -> None:
                 "save_blocking_s": round(statistics.median(blocking), 3) if blocking else None,
                 "save_blocking_each_s": [round(b, 3) for b in blocking],
                 "save_total_s": None if save_total is None else round(save_total, 3),
+                # with the device copy: how long each background handoff took to get the arrays to Orbax
+                "handoff_each_s": [round(h, 3) for h in saver.handoff_s],
+                "peak_memory_gib": peak_gib,
                 "checkpoint_gib": round(saved_bytes / memory.GIB, 3),
                 "verify_s": round(verify_s, 3),
                 "restore_s": round(restore_s, 3),

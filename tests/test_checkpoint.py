@@ -4,6 +4,8 @@ onto another mesh. (Killed processes and fresh-process restores: test_checkpoint
 
 import dataclasses
 import json
+import threading
+import types
 
 import jax
 import numpy as np
@@ -190,6 +192,119 @@ def test_a_failed_background_save_stops_the_run_with_the_reason(tmp_path, monkey
     err = capsys.readouterr().err
     assert code == 1
     assert "checkpoint error" in err and "injected write failure" in err and "Traceback" not in err
+
+
+def test_the_device_copy_is_its_own_buffers_with_the_same_layout():
+    mesh = jax.make_mesh((8,), ("fsdp",))
+    sharded = jax.device_put(np.arange(64.0).reshape(8, 8), jax.NamedSharding(mesh, jax.P("fsdp")))
+    replicated = jax.device_put(np.full((3,), 7, np.int32), jax.NamedSharding(mesh, jax.P()))
+    originals = {"a": sharded, "b": replicated}
+    copy = ckpt._device_copy(originals)
+    expected = {k: np.asarray(v) for k, v in originals.items()}
+    for key, value in originals.items():
+        assert copy[key].sharding == value.sharding
+        value.delete()  # as the next train step does when it donates the state
+    for key in expected:
+        np.testing.assert_array_equal(np.asarray(copy[key]), expected[key])
+
+
+def test_arrays_on_different_devices_are_copied_off_them_in_the_loop_with_a_note(tmp_path):
+    mesh = jax.make_mesh((8,), ("fsdp",))
+    mixed = {
+        "a": jax.device_put(np.ones((8, 8)), jax.NamedSharding(mesh, jax.P("fsdp"))),
+        "b": jax.device_put(np.ones(3), jax.devices()[0]),
+    }
+    logs = []
+    saver = ckpt.Checkpointer(tmp_path / "ckpt", CheckpointConfig(), log=logs.append)
+    assert saver._copy_on_device(mixed) is None and saver._copy_on_device(mixed) is None
+    assert len(logs) == 1 and "cannot be copied in one program" in logs[0]
+    saver.close()
+
+
+class GatedSave:
+    """Orbax's save, held until `release` is set: records the thread each save was issued from."""
+
+    def __init__(self, monkeypatch):
+        self.release, self.threads, self.done = threading.Event(), [], []
+        original = ocp.CheckpointManager.save
+
+        def save(manager, step, *args, **kwargs):
+            self.threads.append(threading.current_thread().name)
+            assert self.release.wait(timeout=60), "the test never released the save"
+            result = original(manager, step, *args, **kwargs)
+            self.done.append(step)
+            return result
+
+        monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+
+
+def test_training_goes_on_while_the_device_copy_is_taken_off_the_devices(tmp_path, monkeypatch):
+    gate = GatedSave(monkeypatch)
+    run = train.build(config(), devices=jax.devices()[:1])
+    saver = ckpt.Checkpointer(tmp_path / "ckpt", run.config.checkpoint, log=lambda _: None)
+    for step in range(2):
+        run.state, _ = run.train_step(run.state, train.batch_at(run, run.train_samples, step))
+    at_save = arrays(run.state)
+    assert saver.save(run.state, train.checkpoint_meta(run))
+    assert gate.threads == ["dsjax-checkpoint-handoff"] and gate.done == []  # save() did not wait for Orbax
+    for step in range(2, 4):  # the loop goes on; each step donates (deletes) the state the save was given
+        run.state, _ = run.train_step(run.state, train.batch_at(run, run.train_samples, step))
+    gate.release.set()
+    saver.close()
+    assert gate.done == [2] and saver.steps() == [2] and ckpt.verify(tmp_path / "ckpt" / "2") is None
+    _, restored = restore_into_fresh(tmp_path)
+    for key, value in arrays(restored.state).items():
+        np.testing.assert_array_equal(value, at_save[key], err_msg=key)
+
+
+@pytest.mark.parametrize("why", ["no_room", "device_copy_off", "sync"])
+def test_without_the_device_copy_the_loop_hands_the_state_to_orbax_itself(tmp_path, monkeypatch, why):
+    gate = GatedSave(monkeypatch)
+    gate.release.set()
+    logs = []
+    settings = {"device_copy_off": {"device_copy": False}, "sync": {"async_save": False}}.get(why, {})
+    run = train.build(config(**settings), devices=jax.devices()[:1])
+    if why == "no_room":
+        monkeypatch.setattr(ckpt, "device_room", lambda arrays: "cpu:0 has 0.10 GiB free at its peak")
+    saver = ckpt.Checkpointer(tmp_path / "ckpt", run.config.checkpoint, log=logs.append)
+    for step in (2, 4):
+        run.state = dataclasses.replace(run.state, step=jax.numpy.asarray(step, run.state.step.dtype))
+        assert saver.save(run.state, train.checkpoint_meta(run))
+    saver.close()
+    assert gate.threads == ["MainThread", "MainThread"] and saver.steps() == [2, 4]
+    notes = [line for line in logs if "no copy on the devices" in line]
+    assert len(notes) == (1 if why == "no_room" else 0)
+    if notes:
+        assert "0.10 GiB free" in notes[0] and "--checkpoint.device_copy=false" in notes[0]
+
+
+def test_device_room_names_the_device_without_room_for_its_part():
+    class Device:
+        def __init__(self, name, stats):
+            self.name, self.stats = name, stats
+
+        def memory_stats(self):
+            return self.stats
+
+        def __str__(self):
+            return self.name
+
+    class Shard:
+        def __init__(self, device, nbytes):
+            self.device, self.data = device, types.SimpleNamespace(nbytes=nbytes)
+
+    class Array:
+        def __init__(self, *shards):
+            self.addressable_shards = list(shards)
+
+    gib = 2**30
+    roomy = Device("gpu:0", {"bytes_limit": 80 * gib, "peak_bytes_in_use": 60 * gib})
+    tight = Device("gpu:1", {"bytes_limit": 80 * gib, "peak_bytes_in_use": 80 * gib - gib // 2})
+    cpu = Device("cpu:0", None)
+    assert ckpt.device_room({"w": Array(Shard(roomy, gib), Shard(cpu, gib))}) is None
+    state = {"w": Array(Shard(roomy, gib), Shard(tight, gib // 4)), "m": Array(Shard(tight, gib // 2))}
+    missing = ckpt.device_room(state)
+    assert missing == "gpu:1 has 0.50 GiB free at its peak, and its part of the state is 0.75 GiB"
 
 
 class StopAt:

@@ -659,9 +659,7 @@ def test_async_checkpoint_gets_its_manifest_without_another_save(tmp_path):
     state = TrainState(step=jnp.int32(1), params={"w": jnp.arange(4.0)}, opt_state=(), loss_scale=())
     step_dir = tmp_path / "ckpts" / "1"
     try:
-        assert checkpointer.save(state, {"samples": 8})
-        checkpointer.manager.wait_until_finished()  # Orbax's own background work is done; dsjax's wait() is not called
-        assert step_dir.is_dir()
+        assert checkpointer.save(state, {"samples": 8})  # dsjax's wait() is not called: nothing else happens
         deadline = time.monotonic() + 10
         while ckpt.verify(step_dir) is not None and time.monotonic() < deadline:
             time.sleep(0.01)
