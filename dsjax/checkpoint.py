@@ -105,10 +105,11 @@ def _copier(shardings: tuple) -> Callable:
     return jax.jit(lambda arrays: {key: jnp.copy(x) for key, x in arrays.items()}, out_shardings=dict(shardings))
 
 
-def device_room(arrays: dict[str, jax.Array]) -> str | None:
+def device_room(arrays: dict[str, jax.Array], margin: float = 0.05) -> str | None:
     """None when every device that holds part of `arrays` has room for one more copy of its part next to
-    the most it has held so far (a training step's peak); otherwise what is missing, as a sentence. Devices
-    without memory statistics (CPU) are taken to have room."""
+    the most it has held so far (a training step's peak), with `margin` of its memory to spare (the
+    allocator's fragmentation); otherwise what is missing, as a sentence. Devices without memory statistics
+    (CPU) are taken to have room."""
     need: dict = {}
     for x in arrays.values():
         for shard in x.addressable_shards:
@@ -118,10 +119,10 @@ def device_room(arrays: dict[str, jax.Array]) -> str | None:
         if "bytes_limit" not in stats:
             continue
         free = stats["bytes_limit"] - stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))
-        if nbytes > free:
+        if nbytes + margin * stats["bytes_limit"] > free:
             return (
                 f"{device} has {free / 2**30:.2f} GiB free at its peak, and its part of the state is "
-                f"{nbytes / 2**30:.2f} GiB"
+                f"{nbytes / 2**30:.2f} GiB (plus {margin:.0%} of its memory kept spare)"
             )
     return None
 
@@ -290,6 +291,8 @@ class Checkpointer:
                 return _device_copy(arrays)
             except ValueError as err:  # arrays on different sets of devices cannot go through one program
                 missing = f"the state's arrays cannot be copied in one program ({err})"
+            except jax.errors.JaxRuntimeError as err:  # out of memory after all (fragmentation)
+                missing = f"the copy failed ({str(err).splitlines()[0]})"
         if not self._no_room_told:
             self._no_room_told = True
             self.log(

@@ -304,7 +304,12 @@ def test_device_room_names_the_device_without_room_for_its_part():
     assert ckpt.device_room({"w": Array(Shard(roomy, gib), Shard(cpu, gib))}) is None
     state = {"w": Array(Shard(roomy, gib), Shard(tight, gib // 4)), "m": Array(Shard(tight, gib // 2))}
     missing = ckpt.device_room(state)
-    assert missing == "gpu:1 has 0.50 GiB free at its peak, and its part of the state is 0.75 GiB"
+    assert missing == (
+        "gpu:1 has 0.50 GiB free at its peak, and its part of the state is 0.75 GiB (plus 5% of its memory kept spare)"
+    )
+    just_fits = Device("gpu:2", {"bytes_limit": 80 * gib, "peak_bytes_in_use": 75 * gib})  # 5 GiB free, 4 spare
+    assert ckpt.device_room({"w": Array(Shard(just_fits, gib - 1))}) is None
+    assert ckpt.device_room({"w": Array(Shard(just_fits, gib + 1))}) is not None
 
 
 class StopAt:
