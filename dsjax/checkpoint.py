@@ -26,6 +26,7 @@ the others wait for it (dsjax.distributed.sync) before they read what it moved.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -206,6 +207,9 @@ class Checkpointer:
         self._handoff: threading.Thread | None = None  # issues the Orbax save of a device copy (see save)
         self._issued: int | None = None  # the newest step whose Orbax save() call has returned
         self._no_room_told = False
+        self._room: str | None = None  # decided at the first save: later peaks include the copy itself
+        self._room_checked = False
+        self._writing: set[int] = set()  # manifests being written now (not to be collected meanwhile)
         self.handoff_s: list[float] = []  # per background handoff: from save() to Orbax holding the arrays on host
         # Old checkpoints are deleted here, not by Orbax: only once a newer one has its manifest (Orbax's
         # max_to_keep would delete a verified checkpoint before its successor is verifiable, and while the
@@ -285,7 +289,9 @@ class Checkpointer:
         """A copy of `arrays` on their devices, or None where save() should not make one."""
         if not (self.cfg.async_save and self.cfg.device_copy) or jax.process_count() > 1:
             return None
-        missing = device_room(arrays)
+        if not self._room_checked:  # the state's layout does not change during a run
+            self._room, self._room_checked = device_room(arrays), True
+        missing = self._room
         if missing is None:
             try:
                 return _device_copy(arrays)
@@ -311,7 +317,11 @@ class Checkpointer:
             error = CheckpointError(f"saving a checkpoint to {self.dir} failed: {type(err).__name__}: {err}")
             if background_since is None:
                 raise error from err
-            self._error = error  # surfaced by check() (the next save, wait(), close())
+            self._error = error  # surfaced by check() (the loop calls it after its steps; save, wait, close)
+            if self.primary:  # the earlier saves still get their manifests (the loop would have, in close())
+                with contextlib.suppress(Exception):  # an earlier save's own failure: check() reports it
+                    self.manager.wait_until_finished()
+                self._write_manifests(lambda s: s < step and (self.dir / str(s)).is_dir())
             return
         self._issued = step
         if background_since is not None:
@@ -357,13 +367,19 @@ class Checkpointer:
         with self._lock:
             steps = [s for s in self._unverified if ready(s)]
             self._unverified = [s for s in self._unverified if s not in steps]
+            self._writing.update(steps)
         for step in steps:
             try:
                 write_manifest(self.dir / str(step))
+                with self._lock:
+                    self._writing.discard(step)
                 self._collect()
             except Exception as err:  # surfaced by check()
                 where = self.dir / str(step)
                 self._error = CheckpointError(f"writing the manifest of checkpoint {where} failed: {err}")
+            finally:
+                with self._lock:
+                    self._writing.discard(step)
 
     def _collect(self) -> None:
         """Delete finalized checkpoints older than the newest `keep` that have manifests."""
@@ -373,7 +389,7 @@ class Checkpointer:
             return
         oldest_kept = verified[-self.cfg.keep]
         with self._lock:
-            busy = set(self._unverified)
+            busy = set(self._unverified) | self._writing
         for step in steps:
             if step < oldest_kept and step not in busy:
                 shutil.rmtree(self.dir / str(step), ignore_errors=True)

@@ -4,6 +4,7 @@ onto another mesh. (Killed processes and fresh-process restores: test_checkpoint
 
 import dataclasses
 import json
+import os
 import threading
 import types
 
@@ -310,6 +311,28 @@ def test_device_room_names_the_device_without_room_for_its_part():
     just_fits = Device("gpu:2", {"bytes_limit": 80 * gib, "peak_bytes_in_use": 75 * gib})  # 5 GiB free, 4 spare
     assert ckpt.device_room({"w": Array(Shard(just_fits, gib - 1))}) is None
     assert ckpt.device_room({"w": Array(Shard(just_fits, gib + 1))}) is not None
+
+
+def test_a_failed_handoff_is_reported_and_the_save_before_it_still_gets_its_manifest(tmp_path, monkeypatch):
+    original = ocp.StandardCheckpointHandler.async_save
+
+    async def failing(self, directory, *args, **kwargs):
+        if f"{os.sep}4." in str(directory):  # Orbax's temporary directory of step 4
+            raise OSError("injected: disk full while saving step 4")
+        return await original(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", failing)
+    run = train.build(config(), devices=jax.devices()[:1])
+    saver = ckpt.Checkpointer(tmp_path / "ckpt", run.config.checkpoint, log=lambda _: None)
+    for step in (2, 4):
+        run.state = dataclasses.replace(run.state, step=jax.numpy.asarray(step, run.state.step.dtype))
+        assert saver.save(run.state, train.checkpoint_meta(run))  # the handoff fails later, in its thread
+    saver._join_handoff()
+    with pytest.raises(ckpt.CheckpointError, match="injected: disk full while saving step 4"):
+        saver.check()  # what the training loop calls after its steps
+    assert ckpt.verify(tmp_path / "ckpt" / "2") is None  # verifiable without close(): a kill now resumes from 2
+    with pytest.raises(ckpt.CheckpointError):
+        saver.close()
 
 
 class StopAt:
