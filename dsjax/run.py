@@ -192,6 +192,8 @@ def compile_report(run: Run, compiled, shardings: bool = False) -> str:
     palm, causal = run.flops_per_token
     remat = cfg.remat.policy + (f" every {cfg.remat.every} layers" if cfg.remat.policy != "none" else "")
     plan = pipeline.make_plan(cfg, run.degrees)
+    param_bytes = memory.shard_bytes(state.params, run.shardings.params)
+    opt_bytes = memory.shard_bytes(state.opt_state, run.shardings.opt_state)
     lines = [
         f"mesh: {run.degrees} over {run.mesh.devices.size} {run.mesh.devices.flat[0].platform} device(s)",
         *([] if plan is None else [plan.describe(cfg.model.n_layers)]),
@@ -200,8 +202,8 @@ def compile_report(run: Run, compiled, shardings: bool = False) -> str:
         f"precision: {cfg.precision.policy} ({parse_policy(cfg.precision.policy)}), loss scale "
         f"{type(loss_scale_from_config(cfg.precision)).__name__}; remat: {remat}",
         "per-device memory:",
-        f"  parameters        {memory.fmt_bytes(memory.shard_bytes(state.params, run.shardings.params))}",
-        f"  optimizer state   {memory.fmt_bytes(memory.shard_bytes(state.opt_state, run.shardings.opt_state))}",
+        f"  parameters        {memory.fmt_bytes(param_bytes)}",
+        f"  optimizer state   {memory.fmt_bytes(opt_bytes)}",
     ]
     if mem is not None:
         limit, source = memory.budget(cfg, jax.local_devices()[0])
@@ -213,6 +215,12 @@ def compile_report(run: Run, compiled, shardings: bool = False) -> str:
             f"  step total        {memory.fmt_bytes(memory.step_bytes(mem))}"
             + ("" if limit is None else f" of {memory.fmt_bytes(limit)} ({source})"),
         ]
+        c = cfg.checkpoint
+        if c.enabled and c.async_save and c.device_copy:
+            lines.append(
+                f"  checkpoint copy   {memory.fmt_bytes(param_bytes + opt_bytes)} more while a save is handed off "
+                "(checkpoint.device_copy; made only where it fits)"
+            )
     if shardings:
         lines.append("parameter shardings (path, shape, spec):")
         lines += [f"  {path:<28} {shape!s:<22} {spec}" for path, shape, spec in describe(state.params, run.mesh)]

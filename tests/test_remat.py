@@ -85,8 +85,10 @@ def test_dry_run_names_the_policies_and_the_memory(capsys):
     out = capsys.readouterr().out
     assert "remat: full every 2 layers" in out
     assert "precision: bf16 (p=f32,c=bf16,o=f32)" in out
-    for line in ("parameters ", "optimizer state", "temporaries", "step total"):
+    for line in ("parameters ", "optimizer state", "temporaries", "step total", "checkpoint copy "):
         assert line in out
+    assert main(["--dry-run", "--checkpoint.device_copy=false", *SMALL]) == 0
+    assert "checkpoint copy" not in capsys.readouterr().out
 
 
 def test_preflight_stops_a_run_that_does_not_fit(capsys, tmp_path):
