@@ -55,6 +55,7 @@ FORMAT = 1
 # Exit code of a run that stopped on SIGTERM / SIGINT after saving a checkpoint (EX_TEMPFAIL: "try again",
 # which is what a scheduler should do: rerun the same command to resume).
 PREEMPTED_EXIT_CODE = 75
+_UNDECIDED = object()
 
 
 class CheckpointError(RuntimeError):
@@ -95,14 +96,17 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _device_copy(arrays: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """New buffers, with the same shardings (so on the same devices), holding the values of `arrays`; one
-    program. Also takes jax.ShapeDtypeStructs, to compile ahead: `_device_copy(abstract).compile()`."""
-    copy = _copier(tuple((key, x.sharding) for key, x in arrays.items()))
-    return copy.lower(arrays) if isinstance(next(iter(arrays.values()), None), jax.ShapeDtypeStruct) else copy(arrays)
+    """New buffers, with the same shardings (so on the same devices), holding the values of `arrays`."""
+    return _copier(arrays)(arrays)
+
+
+def _copier(arrays: dict) -> Callable:
+    """The one program that copies `arrays` (jax.Arrays or ShapeDtypeStructs with shardings)."""
+    return _copier_for(tuple((key, x.sharding) for key, x in arrays.items()))
 
 
 @functools.lru_cache(maxsize=4)
-def _copier(shardings: tuple) -> Callable:
+def _copier_for(shardings: tuple) -> Callable:
     return jax.jit(lambda arrays: {key: jnp.copy(x) for key, x in arrays.items()}, out_shardings=dict(shardings))
 
 
@@ -207,8 +211,7 @@ class Checkpointer:
         self._handoff: threading.Thread | None = None  # issues the Orbax save of a device copy (see save)
         self._issued: int | None = None  # the newest step whose Orbax save() call has returned
         self._no_room_told = False
-        self._room: str | None = None  # decided at the first save: later peaks include the copy itself
-        self._room_checked = False
+        self._room: str | object | None = _UNDECIDED  # device_room() at the first save (later peaks hold the copy)
         self._writing: set[int] = set()  # manifests being written now (not to be collected meanwhile)
         self.handoff_s: list[float] = []  # per background handoff: from save() to Orbax holding the arrays on host
         # Old checkpoints are deleted here, not by Orbax: only once a newer one has its manifest (Orbax's
@@ -252,10 +255,10 @@ class Checkpointer:
         With async saves Orbax copies the arrays off the devices before save() returns (the first copy of a
         process is slow: 7-15 s for llama-1b on a GPU); the file writes follow in the background. With
         checkpoint.device_copy (the default) the loop does not wait for that either: the state is copied on
-        the devices (new buffers, a few milliseconds) and a background thread hands the copy to Orbax. That
-        needs room on each device for one more copy of its part of the state; without it, or in a
-        multi-process job (where Orbax's save calls must stay in the main thread's order of collectives),
-        the loop waits for the copy off the devices as before."""
+        the devices (new buffers; save() returned in 8-15 ms for llama-1b on an H200) and a background thread
+        hands the copy to Orbax. That needs room on each device for one more copy of its part of the state;
+        without it, or in a multi-process job (where Orbax's save calls must stay in the main thread's order
+        of collectives), the loop waits for the copy off the devices as before."""
         self.check()
         step = int(jax.device_get(state.step))
         if step == self.last_saved:
@@ -285,12 +288,17 @@ class Checkpointer:
         self.last_saved, self._last_time = step, time.monotonic()
         return True
 
+    @property
+    def _copies(self) -> bool:
+        """Whether saves go through a device copy and a background handoff (see save)."""
+        return self.cfg.async_save and self.cfg.device_copy and jax.process_count() == 1
+
     def _copy_on_device(self, arrays: dict) -> dict | None:
         """A copy of `arrays` on their devices, or None where save() should not make one."""
-        if not (self.cfg.async_save and self.cfg.device_copy) or jax.process_count() > 1:
+        if not self._copies:
             return None
-        if not self._room_checked:  # the state's layout does not change during a run
-            self._room, self._room_checked = device_room(arrays), True
+        if self._room is _UNDECIDED:  # the state's layout does not change during a run
+            self._room = device_room(arrays)
         missing = self._room
         if missing is None:
             try:
@@ -340,13 +348,12 @@ class Checkpointer:
         """Compile the non-finite check (and the device copy) for `state`'s shapes in a background thread
         while training runs, instead of inside the first save, while the loop waits (0.5 s on llama-1b)."""
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        copies = self.cfg.async_save and self.cfg.device_copy and jax.process_count() == 1
 
         def work():
             try:
                 _all_finite.lower(abstract).compile()
-                if copies:
-                    _device_copy(flatten(abstract)).compile()
+                if self._copies:
+                    _copier(flatten(abstract)).lower(flatten(abstract)).compile()
             except Exception as err:  # an optimisation only: the first save compiles them if this fails
                 self.log(f"warning: compiling the checkpoint's programs in the background failed ({err}).")
 

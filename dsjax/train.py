@@ -259,7 +259,7 @@ def fit(
                     where = "saved no checkpoint (the state is not finite)"
                 why = f"{preemption.requested} received" if preemption.requested else "another process was signalled"
                 raise Preempted(f"{why}: stopped after step {step + 1}, {where}.")
-            if checkpointer is not None and jax.process_count() == 1 and checks_due(step):
+            if checkpointer is not None and not several:  # (handoffs run in single-process runs only)
                 checkpointer.check()  # a save that failed in the background stops the run now, not at the next
             if checkpointer is not None and checkpointer.due(step + 1, clock=checks_due(step)) and step + 1 != t.steps:
                 # Every step a checkpoint covers is in metrics.jsonl before the checkpoint can exist: a job
