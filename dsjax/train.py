@@ -441,7 +441,17 @@ def _train(
         with monitor.goodput.timed("restart"):  # reading the state back is time lost to the restart
             restored = restore(run, checkpointer, log)
         materialize(run)  # nothing was restored: start from the initialisation
-    compiled = prepare(run, log)
+    if directory is not None and checkpointer is None:
+        checkpointer = ckpt.Checkpointer(directory, c, log)
+    if checkpointer is not None:
+        checkpointer.reserve_host_memory(run.state)  # beside the compilation, not beside the first steps
+    try:
+        compiled = prepare(run, log)
+    except BaseException:
+        if checkpointer is not None:  # nothing was saved: this only waits for the background threads
+            with contextlib.suppress(Exception):
+                checkpointer.close()
+        raise
     if out_dir is not None:
         if distributed.is_primary():
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -450,8 +460,6 @@ def _train(
         monitor.attach(out_dir)
         if restored is not None:
             monitor.write({"step": int(jax.device_get(run.state.step)), "restored_from": str(restored.path)})
-    if directory is not None and checkpointer is None:
-        checkpointer = ckpt.Checkpointer(directory, c, log)
     if checkpointer is None:
         return run, fit(run, out_dir, progress, log, compiled, monitor=monitor)
     try:

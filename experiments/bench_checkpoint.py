@@ -15,6 +15,9 @@ Measured, in one process on the same compiled step (dsjax.train.build / prepare,
   background thread took to get each copy to Orbax (off the devices), while training went on;
 - with --first-save-apart, first_save_apart: the process's first save taken (and waited for) before the
   timed window, whose saves are then all later ones: blocking_s, handoff_s, total_s;
+- reserved_gb, reserved_s: the pinned host memory Checkpointer.reserve_host_memory made ready, while the
+  step compiled (compile_s), for the first save's copy off the devices (on GPUs; --no-reserve leaves it
+  out), and how long that took;
 - peak_memory_gib: the most memory any local device held during the run (the device copy adds one state);
 - save_total_s: from the last save() call (at the last step when --every divides --steps) until the
   checkpoint was finalized and its manifest written;
@@ -56,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sync", action="store_true", help="blocking saves instead of async ones")
     parser.add_argument("--no-warm-up", action="store_true", help="skip Checkpointer.warm_up (the before case)")
     parser.add_argument(
+        "--no-reserve", action="store_true", help="no pinned host memory reserved for the first save beforehand"
+    )
+    parser.add_argument(
         "--first-save-apart",
         action="store_true",
         help="take the process's first save (and wait for it) before the timed window: the window then shows "
@@ -78,7 +84,14 @@ def main() -> None:
     overrides.update({"data.source": "synthetic", "checkpoint.async_save": str(not args.sync).lower()})
     config = apply_overrides(preset(args.preset), overrides)
     run = build(config)
+    directory = Path(args.dir)
+    shutil.rmtree(directory, ignore_errors=True)
+    saver = ckpt.Checkpointer(directory, config.checkpoint, log=lambda text: print(text, file=sys.stderr))
+    if not args.no_reserve:
+        saver.reserve_host_memory(run.state)  # as python -m dsjax.train does, beside the compilation
+    t0 = time.perf_counter()
     compiled = prepare(run, log=lambda text: print(text, file=sys.stderr))
+    compile_s = time.perf_counter() - t0
     total = args.warmup + 2 * args.steps
     feed = batches(run, run.train_samples, 0, total)
     for _ in range(args.warmup):
@@ -91,9 +104,6 @@ def main() -> None:
     jax.block_until_ready((run.state, metrics))
     plain = (time.perf_counter() - start) / args.steps
 
-    directory = Path(args.dir)
-    shutil.rmtree(directory, ignore_errors=True)
-    saver = ckpt.Checkpointer(directory, config.checkpoint, log=lambda text: print(text, file=sys.stderr))
     if not args.no_warm_up:
         saver.warm_up(run.state)  # as dsjax.train.fit does before its first step
     first_save = None
@@ -157,6 +167,10 @@ def main() -> None:
                 "async_save": not args.sync,
                 "device_copy": config.checkpoint.device_copy,
                 "warm_up": not args.no_warm_up,
+                "compile_s": round(compile_s, 2),
+                # pinned beside the compilation for the first save's copy off the devices, and how long it took
+                "reserved_gb": saver.reserved and round(saver.reserved[0] / 1e9, 2),
+                "reserved_s": saver.reserved and round(saver.reserved[1], 3),
                 "steps": args.steps,
                 "every": args.every,
                 "step_time_ms": round(1000 * plain, 2),

@@ -6,9 +6,11 @@ import dataclasses
 import json
 import os
 import threading
+import time
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -311,6 +313,55 @@ def test_device_room_names_the_device_without_room_for_its_part():
     just_fits = Device("gpu:2", {"bytes_limit": 80 * gib, "peak_bytes_in_use": 75 * gib})  # 5 GiB free, 4 spare
     assert ckpt.device_room({"w": Array(Shard(just_fits, gib - 1))}) is None
     assert ckpt.device_room({"w": Array(Shard(just_fits, gib + 1))}) is not None
+
+
+def test_host_memory_is_reserved_for_one_replica_of_each_shard():
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+    arrays = {
+        "w": jax.device_put(np.ones((8, 16), np.float32), jax.NamedSharding(mesh, jax.P("fsdp"))),  # 2 replicas
+        "b": jax.device_put(np.ones((3,), jnp.bfloat16), jax.NamedSharding(mesh, jax.P())),  # 8 replicas
+        "step": jax.device_put(np.int32(5), jax.NamedSharding(mesh, jax.P())),
+    }
+    shards = ckpt.host_copy_shards(arrays)
+    assert sorted((str(dtype), shape, nbytes) for _, shape, dtype, nbytes in shards) == [
+        ("bfloat16", (3,), 6),
+        *[("float32", (2, 16), 128)] * 4,
+        ("int32", (), 4),
+    ]
+    w_devices = {device for device, shape, *_ in shards if shape == (2, 16)}
+    assert w_devices == {s.device for s in arrays["w"].addressable_shards if s.replica_id == 0}
+    assert ckpt.reserve_pinned_host(shards) == 4 * 128 + 6 + 4  # the CPU devices have pinned host memory too
+
+
+def test_host_memory_for_the_first_save_is_reserved_only_where_orbax_pins_it(tmp_path, monkeypatch):
+    run = train.build(config(), devices=jax.devices()[:1])
+    saver = ckpt.Checkpointer(tmp_path / "ckpt", run.config.checkpoint, log=lambda _: None)
+    saver.reserve_host_memory(run.state)
+    saver.wait()
+    assert saver.reserved is None  # on CPUs Orbax copies into ordinary host memory
+    monkeypatch.setattr(ckpt, "orbax_pins_host", lambda: True)
+    saver.reserve_host_memory(run.state)
+    saver.close()  # waits for the reservation
+    assert saver.reserved[0] == sum(x.nbytes for x in ckpt.flatten(run.state).values())
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_run_rejected_before_training_waits_for_the_host_memory_reservation(tmp_path, monkeypatch, capsys):
+    reserved = threading.Event()
+
+    def slow_reservation(shards):
+        time.sleep(0.5)
+        reserved.set()
+        return 0
+
+    monkeypatch.setattr(ckpt, "orbax_pins_host", lambda: True)
+    monkeypatch.setattr(ckpt, "reserve_pinned_host", slow_reservation)
+    out = tmp_path / "run"
+    small = ["--train.batch_size=8", "--train.seq_len=32", "--model.n_layers=1", "--model.d_model=32",
+             "--model.n_heads=2", "--model.n_kv_heads=2", "--model.d_ff=64"]  # fmt: skip
+    code = train.main([f"--out={out}", "--train.memory_budget_gb=0.00001", *small])
+    assert code == 2 and "KiB budget" in capsys.readouterr().err
+    assert reserved.is_set() and not out.exists()
 
 
 def test_a_failed_handoff_is_reported_and_the_save_before_it_still_gets_its_manifest(tmp_path, monkeypatch):
