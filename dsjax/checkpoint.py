@@ -137,36 +137,40 @@ def orbax_pins_host() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def host_copy_shards(arrays: dict[str, jax.Array]) -> list[tuple]:
-    """(device, shape, dtype, bytes) of each shard Orbax copies to host memory: one replica of each, on
-    devices with pinned host memory."""
-    shards = []
+def host_copy_shares(arrays: dict[str, jax.Array]) -> dict[Any, int]:
+    """Bytes of host memory each local device's part of a save is copied into, for the devices that have
+    pinned host memory: every shard's bytes split evenly among the devices holding a replica of it (Orbax
+    on GPUs has each replica copy a slice of a replicated shard where the slices are large enough, and
+    replica 0 copy all of it where not: an even split is the same total, if not always the same device)."""
+    shares: dict[Any, int] = {}
     for x in arrays.values():
-        shape = x.sharding.shard_shape(x.shape)
-        for shard in x.addressable_shards:
-            if shard.replica_id == 0 and any(m.kind == "pinned_host" for m in shard.device.addressable_memories()):
-                shards.append((shard.device, shape, x.dtype, int(np.prod(shape)) * x.dtype.itemsize))
-    return shards
+        indices = x.sharding.devices_indices_map(x.shape)
+        replicas = len(indices) // len({tuple((i.start, i.stop, i.step) for i in index) for index in indices.values()})
+        share = -(-int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize // replicas)
+        for device in x.sharding.addressable_devices:
+            if any(m.kind == "pinned_host" for m in device.addressable_memories()):
+                shares[device] = shares.get(device, 0) + share
+    return shares
 
 
-def reserve_pinned_host(shards: list[tuple]) -> int:
-    """Allocate pinned host memory for `shards` (host_copy_shards) from host zeros and free it again;
-    returns the bytes. On GPUs Orbax copies every save into pinned host memory, and the runtime keeps what
-    it pinned once for later allocations: the first save of a process, which pins it all, took 8-15 s for
-    llama-1b and later ones 0.3 s; after this, the first one too (one H200). Nothing runs on the devices:
-    host to pinned host is a host copy."""
-    if not shards:
-        return 0
-    zeros = np.zeros(max(nbytes for *_, nbytes in shards), np.uint8)
-    held = [
-        jax.device_put(
-            zeros[:nbytes].view(dtype).reshape(shape),
-            jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host"),
-        )
-        for device, shape, dtype, nbytes in shards
+def _pinned_buffers(shares: dict[Any, int]) -> list[jax.Array]:
+    """One buffer of pinned host memory per device of `shares`, of its bytes, made from host zeros."""
+    pinned = [(device, nbytes) for device, nbytes in shares.items() if nbytes]
+    zeros = np.zeros(max((nbytes for _, nbytes in pinned), default=0), np.uint8)
+    return [
+        jax.device_put(zeros[:nbytes], jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host"))
+        for device, nbytes in pinned
     ]
-    jax.block_until_ready(held)
-    return sum(nbytes for *_, nbytes in shards)
+
+
+def reserve_pinned_host(shares: dict[Any, int]) -> int:
+    """Make pinned host memory for `shares` (host_copy_shares) and free it again; returns the bytes. On GPUs
+    Orbax copies every save into pinned host memory, and the runtime keeps what it pinned once for later
+    allocations (of any size: one large buffer freed serves many smaller arrays): the first save of a
+    process, which pins it all, took 8-15 s for llama-1b and later ones 0.3 s; after this, the first one
+    took 0.3 s too (one H200). Nothing runs on the devices: host to pinned host is a host copy."""
+    jax.block_until_ready(_pinned_buffers(shares))
+    return sum(shares.values())
 
 
 def is_finite(tree) -> bool:
@@ -386,24 +390,34 @@ class Checkpointer:
 
     def reserve_host_memory(self, state) -> None:
         """Where Orbax copies saves into pinned host memory (GPUs), make that memory for one copy of
-        `state` in a background thread (see reserve_pinned_host; 6.5-8 s for llama-1b's 14.8 GB on an
+        `state` in a background thread (see reserve_pinned_host; 6-12.5 s for llama-1b's 14.8 GB on an
         H200). Pinning holds up other work on the GPU: beside training steps it slows them as much as the
-        first save would have (a window of llama-1b steps fell from 66k to 18k tokens/s), so the training
-        loop calls this before the step compiles, where it lengthened llama-1b's start by 4-5 s and the
-        first save then cost no more than later ones. A no-op elsewhere."""
+        first save would have (a window of llama-1b steps fell from 66k to 18k tokens/s). So the training
+        loop calls this before the train step compiles (the compilation then took 5-6 s longer for
+        llama-1b, the start as a whole 4-5 s), and waits for it after (wait_for_reservation: a step loaded
+        from the compilation cache is ready before the pinning is done). A no-op elsewhere."""
         if not orbax_pins_host() or self._reserving is not None:
             return
-        shards = host_copy_shards(flatten(state))
+        try:
+            shares = host_copy_shares(flatten(state))
+        except Exception as err:  # an optimisation only: the first save pins what it needs
+            self.log(f"warning: not reserving pinned host memory for the first checkpoint ({err}).")
+            return
 
         def work():
             start = time.perf_counter()
             try:
-                self.reserved = (reserve_pinned_host(shards), time.perf_counter() - start)
-            except Exception as err:  # an optimisation only: the first save pins what it needs
+                self.reserved = (reserve_pinned_host(shares), time.perf_counter() - start)
+            except Exception as err:  # as above
                 self.log(f"warning: reserving pinned host memory for the first checkpoint failed ({err}).")
 
         self._reserving = threading.Thread(target=work, name="dsjax-checkpoint-reserve", daemon=True)
         self._reserving.start()
+
+    def wait_for_reservation(self) -> None:
+        """Return once reserve_host_memory's thread (if any) is done."""
+        if self._reserving is not None:
+            self._reserving.join()
 
     def warm_up(self, state) -> None:
         """Compile the non-finite check (and the device copy) for `state`'s shapes in a background thread

@@ -441,18 +441,10 @@ def _train(
         with monitor.goodput.timed("restart"):  # reading the state back is time lost to the restart
             restored = restore(run, checkpointer, log)
         materialize(run)  # nothing was restored: start from the initialisation
-    if directory is not None and checkpointer is None:
-        checkpointer = ckpt.Checkpointer(directory, c, log)
-    if checkpointer is not None:
-        checkpointer.reserve_host_memory(run.state)  # beside the compilation, not beside the first steps
-    try:
-        compiled = prepare(run, log)
-    except BaseException:
-        if checkpointer is not None:  # nothing was saved: this only waits for the background threads
-            with contextlib.suppress(Exception):
-                checkpointer.close()
-        raise
-    if out_dir is not None:
+
+    def open_outputs() -> None:  # once the step has compiled and passed the memory preflight
+        if out_dir is None:
+            return
         if distributed.is_primary():
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.json").write_text(config.to_json() + "\n")
@@ -460,13 +452,22 @@ def _train(
         monitor.attach(out_dir)
         if restored is not None:
             monitor.write({"step": int(jax.device_get(run.state.step)), "restored_from": str(restored.path)})
+
+    if directory is not None and checkpointer is None:
+        checkpointer = ckpt.Checkpointer(directory, c, log)
     if checkpointer is None:
+        compiled = prepare(run, log)
+        open_outputs()
         return run, fit(run, out_dir, progress, log, compiled, monitor=monitor)
+    checkpointer.reserve_host_memory(run.state)  # beside the compilation, not beside the first steps
     try:
+        compiled = prepare(run, log)
+        checkpointer.wait_for_reservation()  # a step from the compilation cache can be ready first
+        open_outputs()
         with ckpt.Preemption() as preemption:
             history = fit(run, out_dir, progress, log, compiled, checkpointer, preemption, monitor)
     except BaseException:
-        try:  # finish and verify what was saved, but let the original error through
+        try:  # finish and verify what was saved (if anything), but let the original error through
             checkpointer.close()
         except Exception as err:
             log(f"warning: {err}")

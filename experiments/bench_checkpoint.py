@@ -92,6 +92,7 @@ def main() -> None:
     t0 = time.perf_counter()
     compiled = prepare(run, log=lambda text: print(text, file=sys.stderr))
     compile_s = time.perf_counter() - t0
+    saver.wait_for_reservation()  # as python -m dsjax.train does
     total = args.warmup + 2 * args.steps
     feed = batches(run, run.train_samples, 0, total)
     for _ in range(args.warmup):

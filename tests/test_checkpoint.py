@@ -315,22 +315,23 @@ def test_device_room_names_the_device_without_room_for_its_part():
     assert ckpt.device_room({"w": Array(Shard(just_fits, gib + 1))}) is not None
 
 
-def test_host_memory_is_reserved_for_one_replica_of_each_shard():
+def test_host_memory_is_reserved_for_each_device_s_share_of_one_copy():
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
     arrays = {
         "w": jax.device_put(np.ones((8, 16), np.float32), jax.NamedSharding(mesh, jax.P("fsdp"))),  # 2 replicas
         "b": jax.device_put(np.ones((3,), jnp.bfloat16), jax.NamedSharding(mesh, jax.P())),  # 8 replicas
         "step": jax.device_put(np.int32(5), jax.NamedSharding(mesh, jax.P())),
     }
-    shards = ckpt.host_copy_shards(arrays)
-    assert sorted((str(dtype), shape, nbytes) for _, shape, dtype, nbytes in shards) == [
-        ("bfloat16", (3,), 6),
-        *[("float32", (2, 16), 128)] * 4,
-        ("int32", (), 4),
-    ]
-    w_devices = {device for device, shape, *_ in shards if shape == (2, 16)}
-    assert w_devices == {s.device for s in arrays["w"].addressable_shards if s.replica_id == 0}
-    assert ckpt.reserve_pinned_host(shards) == 4 * 128 + 6 + 4  # the CPU devices have pinned host memory too
+    shares = ckpt.host_copy_shares(arrays)
+    # per device: half of its (2, 16) float32 shard, an eighth (rounded up) of the 6 and the 4 bytes
+    assert shares == {device: 64 + 1 + 1 for device in jax.devices()}
+    buffers = ckpt._pinned_buffers(shares)  # the CPU devices have pinned host memory too
+    assert {(b.nbytes, b.sharding.memory_kind, *b.sharding.device_set) for b in buffers} == {
+        (66, "pinned_host", device) for device in jax.devices()
+    }
+    assert ckpt.reserve_pinned_host(shares) == 8 * 66
+    one = {"w": jax.device_put(np.ones((8, 16), np.float32), jax.devices()[3])}
+    assert ckpt.host_copy_shares(one) == {jax.devices()[3]: 512}
 
 
 def test_host_memory_for_the_first_save_is_reserved_only_where_orbax_pins_it(tmp_path, monkeypatch):
@@ -362,6 +363,24 @@ def test_a_run_rejected_before_training_waits_for_the_host_memory_reservation(tm
     code = train.main([f"--out={out}", "--train.memory_budget_gb=0.00001", *small])
     assert code == 2 and "KiB budget" in capsys.readouterr().err
     assert reserved.is_set() and not out.exists()
+
+
+def test_training_starts_once_the_host_memory_reservation_is_done(tmp_path, monkeypatch):
+    compiled, reserved, seen = threading.Event(), threading.Event(), []
+    real_prepare = train.prepare
+
+    def slow_reservation(shares):  # still pinning when the step has compiled (as from a compilation cache)
+        compiled.wait()
+        time.sleep(0.5)
+        reserved.set()
+        return 0
+
+    monkeypatch.setattr(ckpt, "orbax_pins_host", lambda: True)
+    monkeypatch.setattr(ckpt, "reserve_pinned_host", slow_reservation)
+    monkeypatch.setattr(train, "prepare", lambda *args: (real_prepare(*args), compiled.set())[0])
+    monkeypatch.setattr(train, "fit", lambda *args, **kwargs: seen.append(reserved.is_set()) or [])
+    train.train(config(mesh=MeshConfig()), out=tmp_path / "run", progress=False, log=lambda _: None)
+    assert seen == [True]
 
 
 def test_a_failed_handoff_is_reported_and_the_save_before_it_still_gets_its_manifest(tmp_path, monkeypatch):
