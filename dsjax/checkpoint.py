@@ -139,17 +139,28 @@ def orbax_pins_host() -> bool:
 
 def host_copy_shares(arrays: dict[str, jax.Array]) -> dict[Any, int]:
     """Bytes of host memory each local device's part of a save is copied into, for the devices that have
-    pinned host memory: every shard's bytes split evenly among the devices holding a replica of it (Orbax
-    on GPUs has each replica copy a slice of a replicated shard where the slices are large enough, and
-    replica 0 copy all of it where not: an even split is the same total, if not always the same device)."""
+    pinned host memory, by Orbax's rule: one replica of each shard is saved; by default the replicas of a
+    shard each copy a slice of it, where one of its axes divides by their number, and otherwise, or with
+    JAX_PLATFORMS naming gpu or cuda (which turns the slicing off), its first replica copies all of it."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").lower()
+    sliced = "gpu" not in platforms and "cuda" not in platforms
+    local = {d for d in jax.local_devices() if any(m.kind == "pinned_host" for m in d.addressable_memories())}
     shares: dict[Any, int] = {}
     for x in arrays.values():
-        indices = x.sharding.devices_indices_map(x.shape)
-        replicas = len(indices) // len({tuple((i.start, i.stop, i.step) for i in index) for index in indices.values()})
-        share = -(-int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize // replicas)
-        for device in x.sharding.addressable_devices:
-            if any(m.kind == "pinned_host" for m in device.addressable_memories()):
-                shares[device] = shares.get(device, 0) + share
+        holders: dict[tuple, list] = {}  # shard index -> the devices holding a replica of it, in order
+        for device, index in x.sharding.devices_indices_map(x.shape).items():
+            holders.setdefault(tuple((i.start, i.stop, i.step) for i in index), []).append(device)
+        shape = x.sharding.shard_shape(x.shape)
+        nbytes = int(np.prod(shape)) * x.dtype.itemsize
+        for devices in holders.values():
+            n = len(devices)
+            if sliced and n > 1 and nbytes and any(size % n == 0 for size in shape):
+                parts = [(device, nbytes // n) for device in devices]
+            else:
+                parts = [(devices[0], nbytes)]
+            for device, part in parts:
+                if device in local:
+                    shares[device] = shares.get(device, 0) + part
     return shares
 
 
@@ -393,8 +404,8 @@ class Checkpointer:
         `state` in a background thread (see reserve_pinned_host; 6-12.5 s for llama-1b's 14.8 GB on an
         H200). Pinning holds up other work on the GPU: beside training steps it slows them as much as the
         first save would have (a window of llama-1b steps fell from 66k to 18k tokens/s). So the training
-        loop calls this before the train step compiles (the compilation then took 5-6 s longer for
-        llama-1b, the start as a whole 4-5 s), and waits for it after (wait_for_reservation: a step loaded
+        loop calls this before the train step compiles (the compilation then took 5-12 s longer for
+        llama-1b), and waits for it after (wait_for_reservation: a step loaded
         from the compilation cache is ready before the pinning is done). A no-op elsewhere."""
         if not orbax_pins_host() or self._reserving is not None:
             return

@@ -315,7 +315,7 @@ def test_device_room_names_the_device_without_room_for_its_part():
     assert ckpt.device_room({"w": Array(Shard(just_fits, gib + 1))}) is not None
 
 
-def test_host_memory_is_reserved_for_each_device_s_share_of_one_copy():
+def test_host_memory_is_reserved_for_each_device_s_part_of_one_copy(monkeypatch):
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
     arrays = {
         "w": jax.device_put(np.ones((8, 16), np.float32), jax.NamedSharding(mesh, jax.P("fsdp"))),  # 2 replicas
@@ -323,13 +323,20 @@ def test_host_memory_is_reserved_for_each_device_s_share_of_one_copy():
         "step": jax.device_put(np.int32(5), jax.NamedSharding(mesh, jax.P())),
     }
     shares = ckpt.host_copy_shares(arrays)
-    # per device: half of its (2, 16) float32 shard, an eighth (rounded up) of the 6 and the 4 bytes
-    assert shares == {device: 64 + 1 + 1 for device in jax.devices()}
+    # Orbax's rule: the replicas of w's (2, 16) shards copy a half each; b (3 values, 8 replicas) and the
+    # scalar cannot be sliced 8 ways: their first replica copies all of them
+    first = jax.devices()[0]
+    assert shares == {device: 64 + (6 + 4 if device == first else 0) for device in jax.devices()}
     buffers = ckpt._pinned_buffers(shares)  # the CPU devices have pinned host memory too
     assert {(b.nbytes, b.sharding.memory_kind, *b.sharding.device_set) for b in buffers} == {
-        (66, "pinned_host", device) for device in jax.devices()
+        (nbytes, "pinned_host", device) for device, nbytes in shares.items()
     }
-    assert ckpt.reserve_pinned_host(shares) == 8 * 66
+    assert ckpt.reserve_pinned_host(shares) == 8 * 64 + 10
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")  # Orbax then copies every shard from its first replica
+    w_firsts = {s.device for s in arrays["w"].addressable_shards if s.replica_id == 0}
+    assert ckpt.host_copy_shares(arrays) == {
+        device: (128 if device in w_firsts else 0) + (10 if device == first else 0) for device in w_firsts | {first}
+    }
     one = {"w": jax.device_put(np.ones((8, 16), np.float32), jax.devices()[3])}
     assert ckpt.host_copy_shares(one) == {jax.devices()[3]: 512}
 
@@ -370,7 +377,7 @@ def test_training_starts_once_the_host_memory_reservation_is_done(tmp_path, monk
     real_prepare = train.prepare
 
     def slow_reservation(shares):  # still pinning when the step has compiled (as from a compilation cache)
-        compiled.wait()
+        compiled.wait(timeout=60)
         time.sleep(0.5)
         reserved.set()
         return 0
