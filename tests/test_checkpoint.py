@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from dsjax import checkpoint as ckpt
-from dsjax import train
+from dsjax import checkpoint_memory, train
 from dsjax.config import CheckpointConfig, Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
 
 ONE_DEVICE = MeshConfig(fsdp=1)
@@ -202,7 +202,7 @@ def test_the_device_copy_is_its_own_buffers_with_the_same_layout():
     sharded = jax.device_put(np.arange(64.0).reshape(8, 8), jax.NamedSharding(mesh, jax.P("fsdp")))
     replicated = jax.device_put(np.full((3,), 7, np.int32), jax.NamedSharding(mesh, jax.P()))
     originals = {"a": sharded, "b": replicated}
-    copy = ckpt._device_copy(originals)
+    copy = checkpoint_memory.device_copy(originals)
     expected = {k: np.asarray(v) for k, v in originals.items()}
     for key, value in originals.items():
         assert copy[key].sharding == value.sharding
@@ -304,15 +304,15 @@ def test_device_room_names_the_device_without_room_for_its_part():
     roomy = Device("gpu:0", {"bytes_limit": 80 * gib, "peak_bytes_in_use": 60 * gib})
     tight = Device("gpu:1", {"bytes_limit": 80 * gib, "peak_bytes_in_use": 80 * gib - gib // 2})
     cpu = Device("cpu:0", None)
-    assert ckpt.device_room({"w": Array(Shard(roomy, gib), Shard(cpu, gib))}) is None
+    assert checkpoint_memory.device_room({"w": Array(Shard(roomy, gib), Shard(cpu, gib))}) is None
     state = {"w": Array(Shard(roomy, gib), Shard(tight, gib // 4)), "m": Array(Shard(tight, gib // 2))}
-    missing = ckpt.device_room(state)
+    missing = checkpoint_memory.device_room(state)
     assert missing == (
         "gpu:1 has 0.50 GiB free at its peak, and its part of the state is 0.75 GiB (plus 5% of its memory kept spare)"
     )
     just_fits = Device("gpu:2", {"bytes_limit": 80 * gib, "peak_bytes_in_use": 75 * gib})  # 5 GiB free, 4 spare
-    assert ckpt.device_room({"w": Array(Shard(just_fits, gib - 1))}) is None
-    assert ckpt.device_room({"w": Array(Shard(just_fits, gib + 1))}) is not None
+    assert checkpoint_memory.device_room({"w": Array(Shard(just_fits, gib - 1))}) is None
+    assert checkpoint_memory.device_room({"w": Array(Shard(just_fits, gib + 1))}) is not None
 
 
 def test_host_memory_is_reserved_for_each_device_s_part_of_one_copy(monkeypatch):
@@ -322,23 +322,23 @@ def test_host_memory_is_reserved_for_each_device_s_part_of_one_copy(monkeypatch)
         "b": jax.device_put(np.ones((3,), jnp.bfloat16), jax.NamedSharding(mesh, jax.P())),  # 8 replicas
         "step": jax.device_put(np.int32(5), jax.NamedSharding(mesh, jax.P())),
     }
-    shares = ckpt.host_copy_shares(arrays)
+    shares = checkpoint_memory.host_copy_shares(arrays)
     # Orbax's rule: the replicas of w's (2, 16) shards copy a half each; b (3 values, 8 replicas) and the
     # scalar cannot be sliced 8 ways: their first replica copies all of them
     first = jax.devices()[0]
     assert shares == {device: 64 + (6 + 4 if device == first else 0) for device in jax.devices()}
-    buffers = ckpt._pinned_buffers(shares)  # the CPU devices have pinned host memory too
+    buffers = checkpoint_memory.pinned_buffers(shares)  # the CPU devices have pinned host memory too
     assert {(b.nbytes, b.sharding.memory_kind, *b.sharding.device_set) for b in buffers} == {
         (nbytes, "pinned_host", device) for device, nbytes in shares.items()
     }
-    assert ckpt.reserve_pinned_host(shares) == 8 * 64 + 10
+    assert checkpoint_memory.reserve_pinned_host(shares) == 8 * 64 + 10
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")  # Orbax then copies every shard from its first replica
     w_firsts = {s.device for s in arrays["w"].addressable_shards if s.replica_id == 0}
-    assert ckpt.host_copy_shares(arrays) == {
+    assert checkpoint_memory.host_copy_shares(arrays) == {
         device: (128 if device in w_firsts else 0) + (10 if device == first else 0) for device in w_firsts | {first}
     }
     one = {"w": jax.device_put(np.ones((8, 16), np.float32), jax.devices()[3])}
-    assert ckpt.host_copy_shares(one) == {jax.devices()[3]: 512}
+    assert checkpoint_memory.host_copy_shares(one) == {jax.devices()[3]: 512}
 
 
 def test_host_memory_for_the_first_save_is_reserved_only_where_orbax_pins_it(tmp_path, monkeypatch):
