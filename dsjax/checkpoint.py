@@ -226,12 +226,12 @@ class Checkpointer:
 
         With async saves Orbax copies the arrays off the devices before save() returns (0.3 s for llama-1b
         on a GPU; the first copy of a process 7-15 s, unless reserve_host_memory ran before); the file
-        writes follow in the background. With
-        checkpoint.device_copy (the default) the loop does not wait for that either: the state is copied on
-        the devices (new buffers; save() returned in 8-15 ms for llama-1b on an H200) and a background thread
-        hands the copy to Orbax. That needs room on each device for one more copy of its part of the state;
-        without it, or in a multi-process job (where Orbax's save calls must stay in the main thread's order
-        of collectives), the loop waits for the copy off the devices as before."""
+        writes follow in the background. With checkpoint.device_copy (the default) the loop does not wait
+        for that either: the state is copied on the devices (new buffers; save() returned in 8-15 ms for
+        llama-1b on an H200) and a background thread hands the copy to Orbax. That needs room on each
+        device for one more copy of its part of the state; without it, or in a multi-process job (where
+        Orbax's save calls must stay in the main thread's order of collectives), the loop waits for the copy
+        off the devices as before."""
         self.check()
         step = int(jax.device_get(state.step))
         if step == self.last_saved:
@@ -323,8 +323,8 @@ class Checkpointer:
         H200). Pinning holds up other work on the GPU: beside training steps it slows them as much as the
         first save would have (a window of llama-1b steps fell from 66k to 18k tokens/s). So the training
         loop calls this before the train step compiles (the compilation then took 5-12 s longer for
-        llama-1b), and waits for it after (wait_for_reservation: a step loaded
-        from the compilation cache is ready before the pinning is done). A no-op elsewhere."""
+        llama-1b), and waits for it after (wait_for_reservation: a step loaded from the compilation cache
+        is ready before the pinning is done). A no-op elsewhere."""
         if not orbax_pins_host() or self._reserving is not None:
             return
         try:
@@ -382,8 +382,6 @@ class Checkpointer:
         for step in steps:
             try:
                 write_manifest(self.dir / str(step))
-                with self._lock:
-                    self._writing.discard(step)
                 self._collect()
             except Exception as err:  # surfaced by check()
                 where = self.dir / str(step)
