@@ -1,6 +1,7 @@
 """Which job this process belongs to, read from the environment: the conventions of torchrun, Kubernetes
-Indexed Jobs, SLURM and Open MPI, and the errors for variables that contradict each other. Pure Python:
-nothing here touches JAX (dsjax.distributed starts the job).
+Indexed Jobs, SLURM and Open MPI, and the errors for variables that contradict each other; and the
+variable that sizes XLA's CPU thread pool for simulated devices. Pure Python: nothing here touches JAX
+(dsjax.distributed starts the job).
 
 Conventions (a variable set by two of them must agree; explicit initialize() arguments override all):
 
@@ -25,6 +26,15 @@ from collections.abc import Mapping, Sequence
 from dsjax.config import ConfigError
 
 DEFAULT_PORT = 29481  # SLURM / Open MPI without MASTER_PORT: this plus (job id mod 1000)
+
+# XLA's CPU client runs the programs of all a process's devices on one pool of max(cores, devices) threads
+# (PJRT_NPROC, when set, stands in for the core count), and a collective keeps its thread while it waits
+# for the other devices. A program whose collectives can run side by side (the 1F1B step: one inside the
+# tick loop, one beside it) can then have every thread waiting for a device that has no thread left, and
+# XLA's rendezvous timeout aborts the process after 40 s: seen on 8 simulated devices, with 8 threads,
+# in about half the runs of a step loaded from the compilation cache, and in none of 10 with 32 threads.
+# Four threads per device; on a 2-core machine the suite's pipeline and layout tests ran as fast with them.
+CPU_THREADS_PER_DEVICE = 4
 
 
 class DistributedError(RuntimeError):
@@ -171,3 +181,13 @@ def detect(env: Mapping[str, str] | None = None) -> ProcessEnv:
                 f"(local world size {p.local_world_size})."
             )
     return first
+
+
+def cpu_thread_env(n_devices: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variable to set, before JAX starts its CPU backend, for a process with `n_devices` simulated
+    CPU devices: PJRT_NPROC, CPU_THREADS_PER_DEVICE threads per device or the core count if larger. Empty
+    when `env` (default os.environ) sets PJRT_NPROC already: the user's choice stands."""
+    env = os.environ if env is None else env
+    if "PJRT_NPROC" in env:
+        return {}
+    return {"PJRT_NPROC": str(max(os.cpu_count() or 1, CPU_THREADS_PER_DEVICE * n_devices))}

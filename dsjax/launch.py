@@ -31,6 +31,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+from dsjax.jobenv import cpu_thread_env
+
 CONFIG_EXIT_CODE = 2  # dsjax.train's exit code for a bad config or flag: restarting cannot help
 PREEMPTED_EXIT_CODE = 75  # dsjax.checkpoint.PREEMPTED_EXIT_CODE (not imported: the launcher never loads JAX)
 SCHEDULER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_")
@@ -120,6 +122,7 @@ def process_envs(args: argparse.Namespace, nproc: int, port: int, attempt: int) 
         env.setdefault("TQDM_MININTERVAL", "10")  # a progress bar redraw is a log line here: a few suffice
         if args.cpu_devices_per_proc is not None:
             env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(args.cpu_devices_per_proc))
+            env.update(cpu_thread_env(args.cpu_devices_per_proc, env))
         elif per:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[rank * per : (rank + 1) * per])
         envs.append(env)

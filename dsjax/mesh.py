@@ -16,13 +16,16 @@ import jax
 from jax.sharding import AxisType
 
 from dsjax.config import Config, ConfigError, MeshConfig, check_tensor_degree
+from dsjax.jobenv import cpu_thread_env
 from dsjax.sharding import MESH_AXES
 
 
 def simulate_cpu_devices(n: int) -> None:
-    """Make JAX expose `n` CPU devices. Must run before JAX initialises a backend (first array op)."""
+    """Make JAX expose `n` CPU devices, with the threads their collectives need (jobenv.cpu_thread_env).
+    Must run before JAX initialises a backend (first array op)."""
     if n < 1:
         raise ConfigError(f"--cpu-devices must be a positive integer, got {n}.")
+    os.environ.update(cpu_thread_env(n))
     os.environ["JAX_PLATFORMS"] = "cpu"
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", n)

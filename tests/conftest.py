@@ -21,4 +21,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax
 
+from dsjax.jobenv import cpu_thread_env
+
+os.environ.update(cpu_thread_env(8))  # the threads 8 devices' collectives need; subprocesses inherit it
 jax.config.update("jax_num_cpu_devices", 8)
