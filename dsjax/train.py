@@ -459,7 +459,8 @@ def _train(
         compiled = prepare(run, log)
         open_outputs()
         return run, fit(run, out_dir, progress, log, compiled, monitor=monitor)
-    checkpointer.reserve_host_memory(run.state)  # beside the compilation, not beside the first steps
+    if int(jax.device_get(run.state.step)) < config.train.steps:  # a finished run saves nothing more
+        checkpointer.reserve_host_memory(run.state)  # beside the compilation, not beside the first steps
     try:
         compiled = prepare(run, log)
         checkpointer.wait_for_reservation()  # a step from the compilation cache can be ready first

@@ -390,6 +390,16 @@ def test_training_starts_once_the_host_memory_reservation_is_done(tmp_path, monk
     assert seen == [True]
 
 
+def test_a_rerun_of_a_finished_run_reserves_no_host_memory(tmp_path, monkeypatch):
+    reservations = []
+    monkeypatch.setattr(ckpt, "orbax_pins_host", lambda: True)
+    monkeypatch.setattr(ckpt, "reserve_pinned_host", lambda shares: reservations.append(len(shares)) or 0)
+    cfg = config(mesh=MeshConfig())
+    for _ in range(2):  # the second run restores the final checkpoint and has nothing left to train
+        train.train(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
+    assert len(reservations) == 1
+
+
 def test_a_failed_handoff_is_reported_and_the_save_before_it_still_gets_its_manifest(tmp_path, monkeypatch):
     original = ocp.StandardCheckpointHandler.async_save
 
