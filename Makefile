@@ -22,8 +22,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# A worker that crashes (a native abort) fails the run, and the rest of its file is not run: by default
+# xdist starts another worker on the rest of that file, the crashed test included, up to 8 times.
 test: lint
-	$(PY) -m pytest -n 2 --dist loadfile -q --nbmake --durations=25
+	$(PY) -m pytest -n 2 --dist loadfile --max-worker-restart=0 -q --nbmake --durations=25
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
