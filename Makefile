@@ -22,8 +22,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# A worker that crashes (a native abort) fails the run, and the rest of its file is not run: by default
-# xdist starts another worker on the rest of that file, the crashed test included, up to 8 times.
+# A worker that crashes (a native abort) fails the run and ends it: the other worker finishes the tests it
+# holds and no more start. By default xdist would start another worker on the rest of the crashed file,
+# the crashed test included, up to 8 times (a deadlock that XLA aborts after 40 s, 8 times over).
 test: lint
 	$(PY) -m pytest -n 2 --dist loadfile --max-worker-restart=0 -q --nbmake --durations=25
 

@@ -27,13 +27,15 @@ from dsjax.config import ConfigError
 
 DEFAULT_PORT = 29481  # SLURM / Open MPI without MASTER_PORT: this plus (job id mod 1000)
 
-# XLA's CPU client runs the programs of all a process's devices on one pool of max(cores, devices) threads
-# (PJRT_NPROC, when set, stands in for the core count), and a collective keeps its thread while it waits
-# for the other devices. A program whose collectives can run side by side (the 1F1B step: one inside the
-# tick loop, one beside it) can then have every thread waiting for a device that has no thread left, and
-# XLA's rendezvous timeout aborts the process after 40 s: seen on 8 simulated devices, with 8 threads,
-# in about half the runs of a step loaded from the compilation cache, and in none of 10 with 32 threads.
-# Four threads per device; on a 2-core machine the suite's pipeline and layout tests ran as fast with them.
+# XLA's CPU client runs the programs of all a process's devices on one pool of threads, the pool its ops
+# also split their work over: max(cores, devices) threads, where PJRT_NPROC (or NPROC), when set, stands in
+# for the core count. A collective keeps its thread while it waits for the other devices. A program whose
+# collectives can run side by side (the 1F1B step: one inside the tick loop, one beside it) can then have
+# every thread waiting for a device that has no thread left, and XLA's rendezvous timeout aborts the
+# process after 40 s. On a 2-core machine with 8 simulated devices (8 threads): the 1F1B test step, loaded
+# from the compilation cache, aborted in about half its runs; with 32 threads, in none of 10. Four threads
+# per device is that measurement, not a bound derived for every program. The suite's pipeline and layout
+# tests took 391 s with 8 threads and 395 s with 32 on that machine.
 CPU_THREADS_PER_DEVICE = 4
 
 
@@ -185,9 +187,10 @@ def detect(env: Mapping[str, str] | None = None) -> ProcessEnv:
 
 def cpu_thread_env(n_devices: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The variable to set, before JAX starts its CPU backend, for a process with `n_devices` simulated
-    CPU devices: PJRT_NPROC, CPU_THREADS_PER_DEVICE threads per device or the core count if larger. Empty
-    when `env` (default os.environ) sets PJRT_NPROC already: the user's choice stands."""
+    CPU devices: PJRT_NPROC, CPU_THREADS_PER_DEVICE threads per device or the cores this process may use if
+    more. Empty when `env` (default os.environ) sets PJRT_NPROC or NPROC already: that choice stands."""
     env = os.environ if env is None else env
-    if "PJRT_NPROC" in env:
+    if "PJRT_NPROC" in env or "NPROC" in env:
         return {}
-    return {"PJRT_NPROC": str(max(os.cpu_count() or 1, CPU_THREADS_PER_DEVICE * n_devices))}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"PJRT_NPROC": str(max(cores, CPU_THREADS_PER_DEVICE * n_devices))}

@@ -320,13 +320,17 @@ def test_launcher_gives_train_one_run_directory_and_the_env_contract(monkeypatch
 
 def test_simulated_devices_get_the_threads_their_collectives_need(monkeypatch):
     """The launcher's processes get CPU_THREADS_PER_DEVICE threads per simulated device (the core count if
-    larger), and a user's PJRT_NPROC stands."""
+    larger), and a user's PJRT_NPROC or NPROC stands."""
     args, _ = launch.parse(["--nproc=2", "--cpu-devices-per-proc=3", "--", "--preset=tiny"])
     monkeypatch.delenv("PJRT_NPROC", raising=False)
-    want = str(max(os.cpu_count(), 3 * jobenv.CPU_THREADS_PER_DEVICE))
+    monkeypatch.delenv("NPROC", raising=False)
+    want = str(max(len(os.sched_getaffinity(0)), 3 * jobenv.CPU_THREADS_PER_DEVICE))
     assert [env["PJRT_NPROC"] for env in launch.process_envs(args, 2, 12345, attempt=0)] == [want, want]
     monkeypatch.setenv("PJRT_NPROC", "5")
     assert [env["PJRT_NPROC"] for env in launch.process_envs(args, 2, 12345, attempt=0)] == ["5", "5"]
+    monkeypatch.delenv("PJRT_NPROC")
+    monkeypatch.setenv("NPROC", "6")  # XLA's other name for it
+    assert ["PJRT_NPROC" in env for env in launch.process_envs(args, 2, 12345, attempt=0)] == [False, False]
 
 
 # Collectives that can run side by side, as in the 1F1B step: an all-gather in a loop beside a chain of
@@ -334,6 +338,7 @@ def test_simulated_devices_get_the_threads_their_collectives_need(monkeypatch):
 # collective for a device that has no thread left; on a 2-core machine this program deadlocked in every one
 # of 4 runs of 200 calls (and in 2 of 6 runs of 50), until XLA's rendezvous timeout aborted the process.
 SIDE_BY_SIDE = """
+import glob
 import sys
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
@@ -352,20 +357,26 @@ a = b = jax.numpy.ones((8 * 64, 64))
 for _ in range(int(sys.argv[1])):
     a, b = step(a, b)
 jax.block_until_ready((a, b))
-print("finished")
+names = [open(task).read().strip() for task in glob.glob("/proc/self/task/*/comm")]
+print("finished; XLA threads:", names.count("tf_XLAEigen"))
 """
 
 
 def test_collectives_side_by_side_on_simulated_devices_do_not_deadlock(tmp_path):
-    """500 calls of SIDE_BY_SIDE after simulate_cpu_devices(8) finish. A deadlock aborts the process after
-    XLA's rendezvous timeout, set to 20 s here (40 s by default); with the thread pool left at XLA's
-    default this test fails (checked by hand with CPU_THREADS_PER_DEVICE = 1)."""
+    """500 calls of SIDE_BY_SIDE after simulate_cpu_devices(8) finish, on a pool of at least 4 threads per
+    device. A deadlock aborts the process after XLA's rendezvous timeout, set to 20 s here (40 s by
+    default). On the 2-core machine where it was written, with XLA's default pool (8 threads) this test
+    failed 3 times out of 3 (checked by hand with CPU_THREADS_PER_DEVICE = 1); on a machine with 16 or more
+    cores the default pool would be large enough, and only the thread count below checks dsjax's part."""
     script = tmp_path / "side_by_side.py"
     script.write_text(SIDE_BY_SIDE)
-    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "XLA_FLAGS")}
+    drop = ("PJRT_NPROC", "NPROC", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")  # compiled afresh, as measured
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env["XLA_FLAGS"] = "--xla_cpu_collective_call_terminate_timeout_seconds=20"
     done = subprocess.run([sys.executable, str(script), "500"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "finished" in done.stdout, done.stderr[-3000:]
+    if os.path.isdir("/proc/self/task"):
+        assert int(done.stdout.split("XLA threads:")[1]) >= 8 * jobenv.CPU_THREADS_PER_DEVICE
 
 
 LAUNCHED = """
