@@ -459,7 +459,8 @@ def _train(
         compiled = prepare(run, log)
         open_outputs()
         return run, fit(run, out_dir, progress, log, compiled, monitor=monitor)
-    if int(jax.device_get(run.state.step)) < config.train.steps:  # a finished run saves nothing more
+    # A rerun of a finished run (its own checkpoint restored, at or past train.steps) saves nothing more.
+    if checkpointer.last_saved is None or checkpointer.last_saved < config.train.steps:
         checkpointer.reserve_host_memory(run.state)  # beside the compilation, not beside the first steps
     try:
         compiled = prepare(run, log)

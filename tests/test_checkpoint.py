@@ -395,9 +395,15 @@ def test_a_rerun_of_a_finished_run_reserves_no_host_memory(tmp_path, monkeypatch
     monkeypatch.setattr(ckpt, "orbax_pins_host", lambda: True)
     monkeypatch.setattr(ckpt, "reserve_pinned_host", lambda shares: reservations.append(len(shares)) or 0)
     cfg = config(mesh=MeshConfig())
-    for _ in range(2):  # the second run restores the final checkpoint and has nothing left to train
-        train.train(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
+    train.train(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
     assert len(reservations) == 1
+    # restores the final checkpoint of its own directory: nothing left to train or save
+    train.train(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
+    assert len(reservations) == 1
+    # the same checkpoint into another run directory: its last step is saved there, so it reserves
+    other = cfg.replace(checkpoint=dataclasses.replace(cfg.checkpoint, restore=str(tmp_path / "run" / "checkpoints")))
+    train.train(other, out=tmp_path / "other", progress=False, log=lambda _: None)
+    assert len(reservations) == 2
 
 
 def test_a_failed_handoff_is_reported_and_the_save_before_it_still_gets_its_manifest(tmp_path, monkeypatch):
