@@ -33,7 +33,7 @@ DEFAULT_PORT = 29481  # SLURM / Open MPI without MASTER_PORT: this plus (job id 
 # collectives can run side by side (the 1F1B step: one inside the tick loop, one beside it) can then have
 # every thread waiting for a device that has no thread left, and XLA's rendezvous timeout aborts the
 # process after 40 s. On a 2-core machine with 8 simulated devices (8 threads): the 1F1B test step, loaded
-# from the compilation cache, aborted in about half its runs; with 32 threads, in none of 10. Four threads
+# from the compilation cache, aborted in 5 of 12 runs; with 32 threads, in none of 10. Four threads
 # per device is that measurement, not a bound derived for every program. The suite's pipeline and layout
 # tests took 391 s with 8 threads and 395 s with 32 on that machine.
 CPU_THREADS_PER_DEVICE = 4

@@ -366,9 +366,10 @@ print("finished; XLA threads:", names.count("tf_XLAEigen"))
 def test_collectives_side_by_side_on_simulated_devices_do_not_deadlock(tmp_path):
     """500 calls of SIDE_BY_SIDE after simulate_cpu_devices(8) finish, on a pool of at least 4 threads per
     device. A deadlock aborts the process after XLA's rendezvous timeout, set to 20 s here (40 s by
-    default). On the 2-core machine where it was written, with XLA's default pool (8 threads) this test
-    failed 3 times out of 3 (checked by hand with CPU_THREADS_PER_DEVICE = 1); on a machine with 16 or more
-    cores the default pool would be large enough, and only the thread count below checks dsjax's part."""
+    default). On the 2-core machine where it was written, with XLA's default pool (8 threads) its first form
+    (the same program and calls, before the thread count was added and the compilation cache dropped) failed
+    3 times out of 3 (checked by hand with CPU_THREADS_PER_DEVICE = 1); on a machine with 16 or more cores
+    the default pool would be large enough, and only the thread count below checks dsjax's part."""
     script = tmp_path / "side_by_side.py"
     script.write_text(SIDE_BY_SIDE)
     drop = ("PJRT_NPROC", "NPROC", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")  # compiled afresh, as measured
