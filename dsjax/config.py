@@ -38,6 +38,7 @@ def _require(ok: bool, message: str) -> None:
 FAMILIES = ("llama", "gpt2")
 DATA_SOURCES = ("default", "text", "tokens", "synthetic")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+LOSS_KERNELS = ("auto", "xla", "pallas")
 LOSS_SCALES = ("auto", "dynamic", "static", "none")
 
 
@@ -56,6 +57,11 @@ class ModelConfig:
     norm_eps: float = doc(1e-5, "epsilon of RMSNorm / LayerNorm")
     init_std: float = doc(0.02, "std of the normal init; residual projections get std/sqrt(2L)")
     attention: str = doc("auto", "'auto' (cuDNN fused kernel on GPU where supported, else XLA), 'xla' or 'cudnn'")
+    loss_kernel: str = doc(
+        "auto",
+        "LM-head loss and its logits gradient: 'auto' (Pallas kernel on GPU unless tensor parallelism splits the "
+        "vocabulary, else XLA), 'xla' or 'pallas' (interpreted on CPU: slow, for tests)",
+    )
     scan_layers: bool = doc(
         True, "compile one block and scan it over the layers (fast compile); false unrolls them (XLA sees all)"
     )
@@ -88,6 +94,10 @@ class ModelConfig:
         _require(
             self.attention in ATTENTION_IMPLS,
             f"model.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}.",
+        )
+        _require(
+            self.loss_kernel in LOSS_KERNELS,
+            f"model.loss_kernel must be one of {LOSS_KERNELS}, got {self.loss_kernel!r}.",
         )
         _require(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}.")
         _require(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps}.")

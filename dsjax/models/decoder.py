@@ -15,7 +15,7 @@ from flax import nnx
 
 from dsjax import pipeline
 from dsjax.config import ModelConfig, PipelineConfig
-from dsjax.models import gpt2, llama
+from dsjax.models import gpt2, llama, xent
 from dsjax.models.layers import Group, ParamSpec, attention_impl, make_param
 from dsjax.precision import POLICIES, Policy, compute_dtype
 from dsjax.remat import scan_layers
@@ -136,7 +136,8 @@ class Decoder(nnx.Module):
         logits_shape = (*x.shape[:2], self.cfg.vocab_size)
         sharding = None if mesh is None else named(("act_batch", "act_seq", "act_vocab"), logits_shape, mesh)
         out = jnp.dtype(self.policy.output)
-        return head_cross_entropy(x, head.astype(x.dtype), labels, self.head_spec(), out, sharding)
+        kernel = self.cfg.loss_kernel
+        return head_cross_entropy(x, head.astype(x.dtype), labels, self.head_spec(), out, sharding, kernel)
 
     def project(self, x: jax.Array, head: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
         """Hidden states (B, T, D) -> logits (B, T, V) in the output dtype. A pure function of its arguments,
@@ -171,21 +172,29 @@ def _head_matmul_bwd(spec, out_dtype, residuals, g):
 head_matmul.defvjp(_head_matmul_fwd, _head_matmul_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def head_cross_entropy(
-    x: jax.Array, w: jax.Array, labels: jax.Array, spec: str, out_dtype: jnp.dtype, sharding=None
+    x: jax.Array,
+    w: jax.Array,
+    labels: jax.Array,
+    spec: str,
+    out_dtype: jnp.dtype,
+    sharding=None,
+    kernel: str = "auto",
 ) -> jax.Array:
     """Per-position softmax cross-entropy (B, T) of the logits head_matmul(x, w, spec, out_dtype) against
     integer `labels` (B, T), in fp32.
 
-    The forward pass keeps the logits (B, T, V) for the backward pass and reads them twice (max, then the
-    sum of exponentials). The backward pass writes the logits' gradient, softmax - onehot, straight in the
-    compute dtype in one elementwise pass, and feeds it to two compute-dtype GEMMs. Differentiating the
-    composition automatically materialises the fp32 gradient and then converts it in a separate pass, which
-    costs one more write and read of the largest tensor of the step (experiments/RESULTS.md).
-    `sharding` (of the logits), when given, pins their layout (vocab-parallel under tensor parallelism).
+    The forward pass computes, with the loss, the gradient of each position's loss with respect to its
+    logits (softmax - onehot, `dsjax.models.xent`) in the compute dtype, and keeps that for the backward
+    pass instead of the fp32 logits: half the bytes held between the passes. The backward pass feeds it to
+    two compute-dtype GEMMs and applies each position's cotangent outside them, to the GEMMs' (B, T, D)
+    sides. Differentiating the composition automatically would materialise an fp32 gradient of the logits
+    and convert it in a separate pass (experiments/RESULTS.md). `sharding` (of the logits), when given,
+    pins their layout (vocab-parallel under tensor parallelism); `kernel` is model.loss_kernel.
+    Without differentiation only the loss is computed.
     """
-    return _head_cross_entropy_fwd(x, w, labels, spec, out_dtype, sharding)[0]
+    return xent.loss_only(_logits(x, w, spec, out_dtype, sharding), labels)
 
 
 def _logits(x, w, spec, out_dtype, sharding):
@@ -193,41 +202,26 @@ def _logits(x, w, spec, out_dtype, sharding):
     return logits if sharding is None else jax.lax.with_sharding_constraint(logits, sharding)
 
 
-def logsumexp(x: jax.Array) -> jax.Array:
-    """log(sum(exp(x))) over the last axis, in one pass over x: a running (max, sum of exp(x - max)) pair,
-    rescaled whenever the max grows (the online softmax). `jax.nn.logsumexp` reads x twice, first for
-    the max, then for the sum; over the (B, T, V) logits each pass is a full read of the step's largest
-    tensor. Agrees with it to fp32 rounding (the rescaling adds a few ulps)."""
-
-    def combine(a, b):
-        (m1, s1), (m2, s2) = a, b
-        m = jnp.maximum(m1, m2)
-        # where(): never exp(-inf - -inf) = nan for the (-inf, 0) identity
-        return m, jnp.where(m1 == m, s1, s1 * jnp.exp(m1 - m)) + jnp.where(m2 == m, s2, s2 * jnp.exp(m2 - m))
-
-    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(0, x.dtype))
-    m, s = jax.lax.reduce((x, jnp.ones_like(x)), init, combine, (x.ndim - 1,))
-    return m + jnp.log(s)
+logsumexp = xent.logsumexp
 
 
-def _head_cross_entropy_fwd(x, w, labels, spec, out_dtype, sharding):
+def _head_cross_entropy_fwd(x, w, labels, spec, out_dtype, sharding, kernel):
     logits = _logits(x, w, spec, out_dtype, sharding)
-    wide = logits.astype(jnp.float32)
-    lse = logsumexp(wide)  # (B, T)
-    picked = jnp.take_along_axis(wide, labels[..., None], axis=-1)[..., 0]
-    return lse - picked, (x, w, labels, logits, lse)
+    loss, unit = xent.loss_and_unit_grad(logits, labels, x.dtype, kernel, sharding)
+    return loss, (x, w, unit)
 
 
-def _head_cross_entropy_bwd(spec, out_dtype, sharding, residuals, g):
-    x, w, labels, logits, lse = residuals
-    vocab = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
-    probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
-    dlogits = ((probs - (vocab == labels[..., None])) * g[..., None]).astype(x.dtype)
+def _head_cross_entropy_bwd(spec, out_dtype, sharding, kernel, residuals, g):
+    x, w, unit = residuals  # unit: d loss / d logits of each position, for a cotangent of 1
     if sharding is not None:
-        dlogits = jax.lax.with_sharding_constraint(dlogits, sharding)
-    _, vjp = jax.vjp(lambda x, w: jnp.einsum(spec, x, w), x, w)
-    dx, dw = vjp(dlogits)
-    return dx, dw, None
+        unit = jax.lax.with_sharding_constraint(unit, sharding)
+    g = g[..., None]  # dlogits = g * unit, so dx = g * (unit . w) and dw = unit . (g * x)
+    _, dx_vjp = jax.vjp(lambda a: jnp.einsum(spec, a, w), x)
+    (dx,) = dx_vjp(unit)
+    scaled = (x.astype(jnp.float32) * g).astype(x.dtype)
+    _, dw_vjp = jax.vjp(lambda b: jnp.einsum(spec, scaled, b), w)
+    (dw,) = dw_vjp(unit)
+    return (dx.astype(jnp.float32) * g).astype(x.dtype), dw, None
 
 
 head_cross_entropy.defvjp(_head_cross_entropy_fwd, _head_cross_entropy_bwd)
