@@ -9,7 +9,9 @@
   arguments that keep changing: the classic silent slowdown) draws a warning naming the new signature;
 - the persistent compilation cache is switched on at the first call, so a second process start loads
   its programs from disk: directory DSJAX_COMPILATION_CACHE (default ~/.cache/dsjax/xla), off with
-  DSJAX_COMPILATION_CACHE=off, or call `compilation_cache(...)` yourself first.
+  DSJAX_COMPILATION_CACHE=off, or call `compilation_cache(...)` yourself first. It stays off where JAX runs
+  on several CPU devices (simulated devices, or CPU processes of a job): there a program with collectives
+  that XLA loads back from the cache can deadlock (below).
 """
 
 from __future__ import annotations
@@ -48,14 +50,38 @@ def _count_hit(event: str, **_kwargs) -> None:
 jax.monitoring.register_event_listener(_count_hit)
 
 
+# Measured with jaxlib 0.10.2 on 8 simulated CPU devices (experiments/RESULTS.md, 2026-11-29): the 1F1B
+# train step (data 2 x pipeline 2 x fsdp 2) loaded back from the persistent cache deadlocked in 3 of 4 runs,
+# with 24 of its 32 XLA threads idle (one device in an all-gather and a collective-permute at once, others in
+# the permute only, one device in neither), and never when compiled afresh (4 of 4 runs).
+CPU_CACHE_OFF = (
+    "compilation cache: off on {n} CPU devices (XLA's CPU programs with collectives can deadlock when loaded "
+    "back from the cache); each run compiles afresh"
+)
+
+
+def _several_cpu_devices() -> int:
+    """The device count where JAX runs on more than one CPU device, else 0."""
+    return jax.device_count() if jax.default_backend() == "cpu" and jax.device_count() > 1 else 0
+
+
 def compilation_cache(directory: str | Path | None = None, min_compile_time_s: float = 0.5) -> Path | None:
     """Switch JAX's persistent compilation cache on at `directory` (default: DSJAX_COMPILATION_CACHE or
     ~/.cache/dsjax/xla; "off" or "" there turns it off) for programs that take at least
-    `min_compile_time_s` to compile. Returns the directory in use, None when off. Idempotent."""
+    `min_compile_time_s` to compile. Returns the directory in use, None when off. Idempotent.
+
+    On several CPU devices the cache is switched off instead, JAX's own too if the user set one (see
+    CPU_CACHE_OFF). Call it after JAX knows its devices (`simulate_cpu_devices`, `jax.distributed`)."""
     if directory is None:
         directory = os.environ.get("DSJAX_COMPILATION_CACHE", str(DEFAULT_CACHE))
     _cache["configured"] = True
-    if str(directory).lower() in ("", "off", "0", "false", "none"):
+    off = str(directory).lower() in ("", "off", "0", "false", "none")
+    if n := _several_cpu_devices():
+        if jax.config.jax_enable_compilation_cache and (jax.config.jax_compilation_cache_dir or not off):
+            logger.info(CPU_CACHE_OFF.format(n=n))
+        jax.config.update("jax_enable_compilation_cache", False)
+        off = True
+    if off:
         _cache["dir"] = None
         return None
     path = Path(directory).expanduser()

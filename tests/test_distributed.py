@@ -288,6 +288,27 @@ def test_a_second_process_loads_from_the_persistent_cache(tmp_path):
     assert any((tmp_path / "xla").iterdir())
 
 
+def test_the_cache_stays_off_on_several_cpu_devices(tmp_path, caplog, monkeypatch):
+    """On this session's 8 CPU devices compilation_cache() switches JAX's cache off, a directory the user
+    gave JAX itself included, and says so; the directory is not created."""
+    from dsjax import compiling
+
+    monkeypatch.setitem(compiling._cache, "configured", False)
+    before = jax.config.jax_enable_compilation_cache
+    try:
+        with caplog.at_level(logging.INFO, logger="dsjax"):
+            logging.getLogger("dsjax").propagate = True
+            try:
+                assert ds.compilation_cache(tmp_path / "xla") is None
+            finally:
+                logging.getLogger("dsjax").propagate = False
+        assert jax.config.jax_enable_compilation_cache is False
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+    assert not (tmp_path / "xla").exists()
+    assert any("compilation cache: off on 8 CPU devices" in r.getMessage() for r in caplog.records)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The launcher's flags
 
