@@ -9,7 +9,8 @@
   arguments that keep changing: the classic silent slowdown) draws a warning naming the new signature;
 - the persistent compilation cache is switched on at the first call, so a second process start loads
   its programs from disk: directory DSJAX_COMPILATION_CACHE (default ~/.cache/dsjax/xla), off with
-  DSJAX_COMPILATION_CACHE=off, or call `compilation_cache(...)` yourself first. It stays off where JAX runs
+  DSJAX_COMPILATION_CACHE=off, or call `compilation_cache(...)` yourself before the first `dsjax.jit` call
+  (after `simulate_cpu_devices` or `jax.distributed` set the devices up). dsjax leaves it off where JAX runs
   on several CPU devices (simulated devices, or CPU processes of a job): there a program with collectives
   that XLA loads back from the cache can deadlock (below).
 """
@@ -58,6 +59,10 @@ CPU_CACHE_OFF = (
     "compilation cache: off on {n} CPU devices (XLA's CPU programs with collectives can deadlock when loaded "
     "back from the cache); each run compiles afresh"
 )
+CPU_CACHE_KEPT = (
+    "compilation cache: JAX's cache at {dir}, which you set, stays on with {n} CPU devices, but XLA's CPU "
+    "programs with collectives can deadlock when loaded back from it; unset it if a run hangs"
+)
 
 
 def _several_cpu_devices() -> int:
@@ -70,20 +75,25 @@ def compilation_cache(directory: str | Path | None = None, min_compile_time_s: f
     ~/.cache/dsjax/xla; "off" or "" there turns it off) for programs that take at least
     `min_compile_time_s` to compile. Returns the directory in use, None when off. Idempotent.
 
-    On several CPU devices the cache is switched off instead, JAX's own too if the user set one (see
-    CPU_CACHE_OFF). Call it after JAX knows its devices (`simulate_cpu_devices`, `jax.distributed`)."""
+    On several CPU devices dsjax's cache stays off (see CPU_CACHE_OFF); a cache the user set for JAX itself
+    is kept, with a warning. Unless `directory` is off, this counts the devices, which starts JAX's
+    backends: call it after `simulate_cpu_devices` or `jax.distributed.initialize`."""
     if directory is None:
         directory = os.environ.get("DSJAX_COMPILATION_CACHE", str(DEFAULT_CACHE))
     _cache["configured"] = True
-    off = str(directory).lower() in ("", "off", "0", "false", "none")
-    if n := _several_cpu_devices():
-        if jax.config.jax_enable_compilation_cache and (jax.config.jax_compilation_cache_dir or not off):
-            logger.info(CPU_CACHE_OFF.format(n=n))
-        jax.config.update("jax_enable_compilation_cache", False)
-        off = True
-    if off:
+    if str(directory).lower() in ("", "off", "0", "false", "none"):
         _cache["dir"] = None
         return None
+    if n := _several_cpu_devices():
+        theirs = jax.config.jax_compilation_cache_dir
+        if theirs is None:
+            if jax.process_index() == 0:
+                logger.info(CPU_CACHE_OFF.format(n=n))
+            _cache["dir"] = None
+            return None
+        logger.warning(CPU_CACHE_KEPT.format(n=n, dir=theirs))
+        _cache["dir"] = Path(theirs)
+        return _cache["dir"]
     path = Path(directory).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -65,9 +65,14 @@ def lm_loss(model, batch: jax.Array, mesh, chunk: int = 0) -> jax.Array:
     xs = x.reshape(B, n, chunk, D).swapaxes(0, 1)  # (n, B, c, D)
     ys = labels.reshape(B, n, chunk).swapaxes(0, 1)  # (n, B, c)
 
+    # Under checkpoint the forward pass is run again in the backward pass, so the logits' gradient that the
+    # forward writes is thrown away once: XLA's implementation skips writing it there (the Pallas kernel
+    # cannot), and its loss-only forward pass reads the logits once instead of twice.
+    kernel = "xla" if model.cfg.loss_kernel == "auto" else None
+
     @jax.checkpoint
     def one(total, xy):
-        return total + model.token_losses(xy[0], head, xy[1], mesh).sum(), None
+        return total + model.token_losses(xy[0], head, xy[1], mesh, kernel).sum(), None
 
     total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), (xs, ys))
     return total / (B * T)

@@ -1,12 +1,27 @@
-"""Test setup: 8 simulated CPU devices, configured before JAX initialises its backends."""
+"""Test setup: 8 simulated CPU devices, configured before JAX initialises its backends, and one persistent
+compilation cache for the whole session."""
 
+import atexit
 import os
+import shutil
+import tempfile
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # dsjax's own cache switch stays off (tests/test_distributed.py switches it on where it is the subject).
 os.environ["DSJAX_COMPILATION_CACHE"] = "off"
-# No persistent compilation cache: on several simulated devices a program with collectives that XLA loads
-# back from the cache can deadlock (dsjax/compiling.py, CPU_CACHE_OFF), so every test compiles afresh.
+# JAX's persistent cache, fresh for each session and shared by its processes (pytest-xdist workers and the
+# subprocesses inherit the variables): the many tests that build the same small model compile its programs
+# once per session instead of once per test; the first test that needs a program still compiles it, as on a
+# fresh machine. Except for pipeline programs: loaded back from the cache, a 1F1B step on 8 simulated devices
+# deadlocked in its collectives (dsjax/compiling.py, CPU_CACHE_OFF), so the modules that run pipelined
+# steps compile them afresh (the `no_compilation_cache` fixture below).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="dsjax-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax
 
@@ -14,3 +29,16 @@ from dsjax.jobenv import cpu_thread_env
 
 os.environ.update(cpu_thread_env(8))  # the threads 8 devices' collectives need; subprocesses inherit it
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+@pytest.fixture(scope="module")
+def no_compilation_cache():
+    """No persistent compilation cache for the module's programs (JAX decides at its next compile)."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    cc.reset_cache()
+    yield
+    jax.config.update("jax_enable_compilation_cache", before)
+    cc.reset_cache()

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -288,25 +289,31 @@ def test_a_second_process_loads_from_the_persistent_cache(tmp_path):
     assert any((tmp_path / "xla").iterdir())
 
 
-def test_the_cache_stays_off_on_several_cpu_devices(tmp_path, caplog, monkeypatch):
-    """On this session's 8 CPU devices compilation_cache() switches JAX's cache off, a directory the user
-    gave JAX itself included, and says so; the directory is not created."""
+def test_dsjax_leaves_its_cache_off_on_several_cpu_devices(tmp_path, caplog, monkeypatch):
+    """On this session's 8 CPU devices compilation_cache() does not switch its cache on, says why and
+    creates no directory; a cache the user set for JAX itself is kept, with a warning that names it."""
     from dsjax import compiling
 
-    monkeypatch.setitem(compiling._cache, "configured", False)
-    before = jax.config.jax_enable_compilation_cache
+    theirs = jax.config.jax_compilation_cache_dir
+    messages = []
     try:
-        with caplog.at_level(logging.INFO, logger="dsjax"):
-            logging.getLogger("dsjax").propagate = True
-            try:
-                assert ds.compilation_cache(tmp_path / "xla") is None
-            finally:
-                logging.getLogger("dsjax").propagate = False
-        assert jax.config.jax_enable_compilation_cache is False
+        for jax_dir in (None, str(tmp_path / "theirs")):
+            jax.config.update("jax_compilation_cache_dir", jax_dir)
+            monkeypatch.setitem(compiling._cache, "configured", False)
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="dsjax"):
+                logging.getLogger("dsjax").propagate = True
+                try:
+                    got = ds.compilation_cache(tmp_path / "xla")
+                finally:
+                    logging.getLogger("dsjax").propagate = False
+            assert got == (None if jax_dir is None else Path(jax_dir))
+            messages.append(" ".join(r.getMessage() for r in caplog.records))
     finally:
-        jax.config.update("jax_enable_compilation_cache", before)
+        jax.config.update("jax_compilation_cache_dir", theirs)
     assert not (tmp_path / "xla").exists()
-    assert any("compilation cache: off on 8 CPU devices" in r.getMessage() for r in caplog.records)
+    assert "compilation cache: off on 8 CPU devices" in messages[0]
+    assert f"JAX's cache at {tmp_path / 'theirs'}, which you set, stays on with 8 CPU devices" in messages[1]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,6 +14,9 @@ from dsjax.precision import loss_scale_from_config
 from dsjax.step import make_train_step, next_token_loss
 from dsjax.train import batch_at, build, main
 
+# pipelined steps loaded back from the compilation cache can deadlock on simulated devices (conftest.py)
+pytestmark = pytest.mark.usefixtures("no_compilation_cache")
+
 MODEL = ModelConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=32)
 POISON = 255  # a row whose first token is this gets an infinite loss term (only in the poisoned test)
 

@@ -29,6 +29,9 @@ from dsjax.pipeline import Plan, make_plan, value_and_grad_1f1b
 from dsjax.step import loss_fn
 from dsjax.train import batch_at, build
 
+# pipelined steps loaded back from the compilation cache can deadlock on simulated devices (conftest.py)
+pytestmark = pytest.mark.usefixtures("no_compilation_cache")
+
 STEPS = 3
 MODELS = models(n_layers=8)
 # name -> (mesh, schedule, microbatches, repeats)

@@ -128,15 +128,20 @@ class Decoder(nnx.Module):
         return "BTD,VD->BTV" if self.cfg.tie_embeddings else "BTD,DV->BTV"
 
     def token_losses(
-        self, x: jax.Array, head: jax.Array, labels: jax.Array, mesh: jax.sharding.Mesh | None = None
+        self,
+        x: jax.Array,
+        head: jax.Array,
+        labels: jax.Array,
+        mesh: jax.sharding.Mesh | None = None,
+        kernel: str | None = None,
     ) -> jax.Array:
         """Next-token cross-entropy (nats, fp32) at every position: hidden states x (B, T, D), labels (B, T)
         -> (B, T). Equal to the softmax cross-entropy of `project`'s logits, computed by `head_cross_entropy`
-        (one fused LM head + loss with a hand-written backward pass)."""
+        (one fused LM head + loss with a hand-written backward pass); `kernel` overrides model.loss_kernel."""
         logits_shape = (*x.shape[:2], self.cfg.vocab_size)
         sharding = None if mesh is None else named(("act_batch", "act_seq", "act_vocab"), logits_shape, mesh)
         out = jnp.dtype(self.policy.output)
-        kernel = self.cfg.loss_kernel
+        kernel = kernel or self.cfg.loss_kernel
         return head_cross_entropy(x, head.astype(x.dtype), labels, self.head_spec(), out, sharding, kernel)
 
     def project(self, x: jax.Array, head: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
@@ -187,7 +192,7 @@ def head_cross_entropy(
 
     The forward pass computes, with the loss, the gradient of each position's loss with respect to its
     logits (softmax - onehot, `dsjax.models.xent`) in the compute dtype, and keeps that for the backward
-    pass instead of the fp32 logits: half the bytes held between the passes. The backward pass feeds it to
+    pass instead of the logits (half the bytes for fp32 logits and bf16 or fp16 compute). The backward pass feeds it to
     two compute-dtype GEMMs and applies each position's cotangent outside them, to the GEMMs' (B, T, D)
     sides. Differentiating the composition automatically would materialise an fp32 gradient of the logits
     and convert it in a separate pass (experiments/RESULTS.md). `sharding` (of the logits), when given,
