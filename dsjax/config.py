@@ -59,8 +59,8 @@ class ModelConfig:
     attention: str = doc("auto", "'auto' (cuDNN fused kernel on GPU where supported, else XLA), 'xla' or 'cudnn'")
     loss_kernel: str = doc(
         "auto",
-        "LM-head loss and its logits gradient: 'auto' (Pallas kernel on GPU unless tensor parallelism splits the "
-        "vocabulary, else XLA), 'xla' or 'pallas' (interpreted on CPU: slow, for tests)",
+        "LM-head loss and its logits gradient: 'auto' (Pallas kernel on GPU, XLA where tensor parallelism splits "
+        "the vocabulary, with train.loss_chunk and on CPU), 'xla' or 'pallas' (interpreted on CPU: for tests)",
     )
     scan_layers: bool = doc(
         True, "compile one block and scan it over the layers (fast compile); false unrolls them (XLA sees all)"
