@@ -15,7 +15,8 @@ from flax import nnx
 
 from dsjax.config import Config, DataConfig, ModelConfig, TrainConfig, apply_overrides, preset
 from dsjax.models import Decoder
-from dsjax.models.decoder import head_cross_entropy, head_matmul, logsumexp
+from dsjax.models.decoder import head_cross_entropy, head_matmul
+from dsjax.models.xent import logsumexp
 from dsjax.step import loss_fn
 from dsjax.train import batch_at, batches, build, fit
 

@@ -192,12 +192,12 @@ def head_cross_entropy(
 
     The forward pass computes, with the loss, the gradient of each position's loss with respect to its
     logits (softmax - onehot, `dsjax.models.xent`) in the compute dtype, and keeps that for the backward
-    pass instead of the logits (half the bytes for fp32 logits and bf16 or fp16 compute). The backward pass feeds it to
-    two compute-dtype GEMMs and applies each position's cotangent outside them, to the GEMMs' (B, T, D)
-    sides. Differentiating the composition automatically would materialise an fp32 gradient of the logits
-    and convert it in a separate pass (experiments/RESULTS.md). `sharding` (of the logits), when given,
-    pins their layout (vocab-parallel under tensor parallelism); `kernel` is model.loss_kernel.
-    Without differentiation only the loss is computed.
+    pass instead of the logits (half the bytes for fp32 logits and bf16 or fp16 compute). The backward
+    pass feeds it to two compute-dtype GEMMs and applies each position's cotangent outside them, to the
+    GEMMs' (B, T, D) sides. Differentiating the composition automatically would materialise an fp32
+    gradient of the logits and convert it in a separate pass (experiments/RESULTS.md). `sharding` (of the
+    logits), when given, pins their layout (vocab-parallel under tensor parallelism); `kernel` is
+    model.loss_kernel. Without differentiation only the loss is computed.
     """
     return xent.loss_only(_logits(x, w, spec, out_dtype, sharding), labels)
 
@@ -205,9 +205,6 @@ def head_cross_entropy(
 def _logits(x, w, spec, out_dtype, sharding):
     logits = head_matmul(x, w, spec, out_dtype)  # its forward only: the fused backward is hand-written
     return logits if sharding is None else jax.lax.with_sharding_constraint(logits, sharding)
-
-
-logsumexp = xent.logsumexp
 
 
 def _head_cross_entropy_fwd(x, w, labels, spec, out_dtype, sharding, kernel):

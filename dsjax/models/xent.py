@@ -50,17 +50,19 @@ def logsumexp(x: jax.Array) -> jax.Array:
     return m + jnp.log(s)
 
 
+def _lse_and_picked(wide: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return logsumexp(wide), jnp.take_along_axis(wide, labels[..., None], axis=-1)[..., 0]
+
+
 def loss_only(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-position cross-entropy (fp32) of logits (..., V) against integer labels (...): no gradient."""
-    wide = logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(wide, labels[..., None], axis=-1)[..., 0]
-    return logsumexp(wide) - picked
+    lse, picked = _lse_and_picked(logits.astype(jnp.float32), labels)
+    return lse - picked
 
 
 def _xla(logits: jax.Array, labels: jax.Array, grad_dtype) -> tuple[jax.Array, jax.Array]:
     wide = logits.astype(jnp.float32)
-    lse = logsumexp(wide)
-    picked = jnp.take_along_axis(wide, labels[..., None], axis=-1)[..., 0]
+    lse, picked = _lse_and_picked(wide, labels)
     vocab = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
     grad = (jnp.exp(wide - lse[..., None]) - (vocab == labels[..., None])).astype(grad_dtype)
     return lse - picked, grad
