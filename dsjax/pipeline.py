@@ -127,6 +127,11 @@ def make_plan(config: Config, degrees: dict[str, int]) -> Plan | None:
             f"train.loss_chunk ({t.loss_chunk}) does not apply to pipeline.schedule=1f1b, whose loss already runs "
             "one microbatch at a time; set --train.loss_chunk=0."
         )
+    if p.schedule == "1f1b" and t.seq_len % P:
+        raise ConfigError(
+            f"train.seq_len ({t.seq_len}) must be divisible by mesh.pipeline ({P}) for pipeline.schedule=1f1b: "
+            "each stage runs the LM head and loss of an equal share of every microbatch's positions."
+        )
     if R > 1 and M < P:
         raise ConfigError(
             f"the circular schedule needs pipeline.microbatches >= mesh.pipeline ({M} < {P}): a microbatch "
@@ -206,13 +211,18 @@ def value_and_grad_1f1b(graphdef, params, batch: jax.Array, mesh: jax.sharding.M
 
     In one SPMD loop of M + 2P - 1 ticks every stage runs, at tick t, the forward pass of microbatch t - s
     and the backward pass of microbatch t - 2P + 1 + s (each where it exists): the last stage's output goes
-    straight through the final norm, LM head and loss (forward and backward), and its gradient starts down
-    the stages on the next tick. A stage keeps the input of each microbatch between its forward and its
+    through the final norm, LM head and loss (forward and backward), and its gradient starts down the
+    stages on the next tick. A stage keeps the input of each microbatch between its forward and its
     backward pass, at most 2P of them (a ring buffer of 2P slots), whatever M is, and recomputes the
     stage's forward inside the backward pass (stage-level rematerialisation). No activation outlives the
     tick that made it except those stage inputs, so the memory grows with P, not with M. The price of
-    lockstep SPMD: the bubble is (2P - 1) / (M + 2P - 1) of the ticks, and every tick runs the LM head and
-    loss on every stage (only the last stage's are used).
+    lockstep SPMD: the bubble is (2P - 1) / (M + 2P - 1) of the ticks.
+
+    The work outside the stages is shared by all stages rather than repeated on each: every tick, stage k
+    runs the final norm, LM head and loss (forward and backward) of positions k T/P, ..., (k + 1) T/P - 1
+    of the last stage's microbatch, and the embedding's backward pass of the same positions of stage 0's
+    microbatch. Each stage accumulates its share of those parameters' gradients separately; the shares
+    are summed once, after the loop.
     """
     with sharding.rules(act_batch=("data", "fsdp")):
         return _one_f_one_b(graphdef, params, batch, mesh, plan, seed)
@@ -221,34 +231,20 @@ def value_and_grad_1f1b(graphdef, params, batch: jax.Array, mesh: jax.sharding.M
 def _one_f_one_b(graphdef, params, batch, mesh, plan, seed):
     from flax import nnx
 
+    from dsjax.sharding import logical_axes
     from dsjax.step import microbatches
 
     model = nnx.merge(graphdef, params)
     P, M = plan.stages, plan.microbatches
     K = 2 * P  # ring slots per stage: microbatches between a stage's forward and backward pass, at most 2P - 1
     rows, T = batch.shape[0], batch.shape[1] - 1
+    S = T // P  # positions of a microbatch whose head, loss and embedding gradient each stage computes
     weights = stage_weights(model.blocks.arrays(), model.block_logical(), P, 1, mesh)
     weights = {name: w[:, 0] for name, w in weights.items()}  # one chunk per stage: (P, c, ...)
+    blocks, rest = nnx.split_state(params, nnx.PathContains("blocks"), ...)  # the stages' weights; all the others
     tokens = microbatches(batch, M, mesh)  # (M, mb, T + 1)
     stage = model.stage_fn(T, mesh)
     cotangent = (seed / (rows * T)).astype(jnp.float32)  # d(seed * mean loss) / d(sum of token losses)
-
-    def embed(p, tok):
-        return nnx.merge(graphdef, p).embed_tokens(tok, mesh)
-
-    def tail(p, y, labels):
-        m = nnx.merge(graphdef, p)
-        return m.token_losses(m.final_norm_fn(y), m.head(), labels, mesh).sum()
-
-    def stage_backward(w, x, g):
-        _, pull = jax.vjp(stage, w, x)
-        return pull(g)
-
-    forward = jax.vmap(stage, spmd_axis_name="pipeline")
-    backward = jax.vmap(stage_backward, spmd_axis_name="pipeline")
-    write = jax.vmap(lambda ring, i, x: jax.lax.dynamic_update_index_in_dim(ring, x, i, 0), spmd_axis_name="pipeline")
-    read = jax.vmap(lambda ring, i: jax.lax.dynamic_index_in_dim(ring, i, 0, keepdims=False), spmd_axis_name="pipeline")
-    slot = jnp.arange(P)
 
     def masked(valid, tree):
         return jax.tree.map(lambda a: jnp.where(valid, a, jnp.zeros_like(a)), tree)
@@ -256,22 +252,58 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed):
     def per_stage(valid):  # (P,) -> broadcastable over (P, ...)
         return lambda a: jnp.where(valid.reshape(P, *([1] * (a.ndim - 1))), a, jnp.zeros_like(a))
 
+    def pieces(a):  # (mb, T, ...) -> (P, mb, S, ...): stage k's positions k S, ..., (k + 1) S - 1
+        split = a.reshape(a.shape[0], P, S, *a.shape[2:]).swapaxes(0, 1)
+        return constrain(split, ("stage", "act_batch", "act_seq", "act_embed")[: split.ndim], mesh)
+
+    def whole(a):  # (P, mb, S, ...) -> (mb, T, ...)
+        return a.swapaxes(0, 1).reshape(a.shape[1], T, *a.shape[3:])
+
+    def tail_backward(rest, y, labels, valid):  # one stage's positions of the last stage's microbatch
+        def tail(rest, y):
+            m = nnx.merge(graphdef, blocks, rest)
+            return m.token_losses(m.final_norm_fn(y), m.head(), labels, mesh).sum()
+
+        loss, pull = jax.vjp(tail, rest, y)
+        grads, y_grad = pull(cotangent)
+        return jnp.where(valid, loss, 0.0), masked(valid, grads), jnp.where(valid, y_grad, 0)
+
+    def embed_backward(rest, tok, g, offset, valid):  # one stage's positions of stage 0's microbatch
+        _, pull = jax.vjp(lambda r: nnx.merge(graphdef, blocks, r).embed_tokens(tok, mesh, offset), rest)
+        (grads,) = pull(g)
+        return masked(valid, grads)
+
+    def embed(tok):
+        return nnx.merge(graphdef, params).embed_tokens(tok, mesh)
+
+    def add(acc, grads):
+        return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+
+    forward = jax.vmap(stage, spmd_axis_name="pipeline")
+    backward = jax.vmap(lambda w, x, g: jax.vjp(stage, w, x)[1](g), spmd_axis_name="pipeline")
+    tails = jax.vmap(tail_backward, in_axes=(None, 0, 0, None), spmd_axis_name="pipeline")
+    embeds = jax.vmap(embed_backward, in_axes=(None, 0, 0, 0, None), spmd_axis_name="pipeline")
+    write = jax.vmap(lambda ring, i, x: jax.lax.dynamic_update_index_in_dim(ring, x, i, 0), spmd_axis_name="pipeline")
+    read = jax.vmap(lambda ring, i: jax.lax.dynamic_index_in_dim(ring, i, 0, keepdims=False), spmd_axis_name="pipeline")
+    slot = jnp.arange(P)
+    offsets = slot * S
+
     def tick(carry, t):
-        sent, returned, last_grad, ring, block_grads, other_grads, total = carry
+        sent, returned, last_grad, ring, block_grads, rest_grads, total = carry
         # forward: stage s runs microbatch t - s; stage 0 takes it from the embedding
-        first = embed(params, tokens[jnp.minimum(t, M - 1)][:, :-1])
+        first = embed(tokens[jnp.minimum(t, M - 1)][:, :-1])
         inputs = jnp.where((slot == 0)[:, None, None, None], first[None], jnp.roll(sent, 1, axis=0))
         inputs = constrain(inputs, STAGE_ACT, mesh)
         ring = write(ring, (t - slot) % K, inputs)
         outputs = constrain(forward(weights, inputs), STAGE_ACT, mesh)
-        # the last stage's microbatch through the final norm, LM head and loss, forward and backward
+        # the last stage's microbatch through the final norm, LM head and loss, forward and backward, its
+        # positions split over the stages
         item = t - (P - 1)
         done = (item >= 0) & (item < M)
         labels = tokens[jnp.clip(item, 0, M - 1)][:, 1:]
-        loss, pull = jax.vjp(lambda p, y: tail(p, y, labels), params, outputs[P - 1])
-        tail_params, tail_grad = pull(cotangent)
-        total = total + jnp.where(done, loss, 0.0)
-        other_grads = jax.tree.map(jnp.add, other_grads, masked(done, tail_params))
+        losses, tail_grads, y_grads = tails(rest, pieces(outputs[P - 1]), pieces(labels), done)
+        total = total + losses.sum()
+        rest_grads = add(rest_grads, tail_grads)
         # backward: stage s runs microbatch t - 2P + 1 + s, from its saved input and the gradient that the
         # stage above (or, for the last stage, the loss) produced at the previous tick
         item_b = t - 2 * P + 1 + slot
@@ -279,16 +311,19 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed):
         incoming = jnp.where((slot == P - 1)[:, None, None, None], last_grad[None], jnp.roll(returned, -1, axis=0))
         incoming = constrain(incoming, STAGE_ACT, mesh)
         weight_grads, input_grads = backward(weights, read(ring, item_b % K), incoming)
-        block_grads = jax.tree.map(
-            lambda acc, g: acc + per_stage(valid)(g).astype(jnp.float32), block_grads, weight_grads
-        )
+        block_grads = add(block_grads, jax.tree.map(per_stage(valid), weight_grads))
         input_grads = constrain(per_stage(valid)(input_grads), STAGE_ACT, mesh)
-        # stage 0's input gradient: the embedding's backward pass for its microbatch
+        # stage 0's input gradient: the embedding's backward pass for its microbatch, positions split over
+        # the stages
         item_e = t - 2 * P + 1
-        _, pull_e = jax.vjp(lambda p: embed(p, tokens[jnp.clip(item_e, 0, M - 1)][:, :-1]), params)
-        (embed_params,) = pull_e(input_grads[0])
-        other_grads = jax.tree.map(jnp.add, other_grads, masked((item_e >= 0) & (item_e < M), embed_params))
-        return (outputs, input_grads, jnp.where(done, tail_grad, 0), ring, block_grads, other_grads, total), None
+        tok = tokens[jnp.clip(item_e, 0, M - 1)][:, :-1]
+        valid_e = (item_e >= 0) & (item_e < M)
+        rest_grads = add(rest_grads, embeds(rest, pieces(tok), pieces(input_grads[0]), offsets, valid_e))
+        return (outputs, input_grads, whole(y_grads), ring, block_grads, rest_grads, total), None
+
+    def stage_zeros(variable):  # a (P, ...) fp32 accumulator of one parameter's per-stage gradient shares
+        zeros = jnp.zeros((P, *variable.get_value().shape), jnp.float32)
+        return variable.replace(constrain(zeros, ("stage", *logical_axes(variable)), mesh))
 
     D = model.cfg.d_model
     dtype = jnp.dtype(compute_dtype(model.policy.compute))
@@ -301,18 +336,19 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed):
         jnp.zeros((micro, T, D), dtype),
         ring,
         jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), weights),
-        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+        jax.tree.map(stage_zeros, rest, is_leaf=lambda x: isinstance(x, nnx.Variable)),
         jnp.zeros((), jnp.float32),
     )
     final, _ = jax.lax.scan(tick, init, jnp.arange(M + 2 * P - 1))
-    _, _, _, _, block_grads, other_grads, total = final
+    _, _, _, _, block_grads, rest_grads, total = final
+    rest_grads = {jax.tree_util.keystr(path): g.sum(0) for path, g in jax.tree_util.tree_leaves_with_path(rest_grads)}
 
-    def assemble(path, g, p):
+    def assemble(path, p):
         key = jax.tree_util.keystr(path)
-        for name, grad in block_grads.items():
-            if key.startswith(f"['blocks']['{name}']"):
-                return grad.reshape(p.shape).astype(p.dtype)
-        return g.astype(p.dtype)
+        if key in rest_grads:
+            return rest_grads[key].astype(p.dtype)
+        name = next(name for name in block_grads if key.startswith(f"['blocks']['{name}']"))
+        return block_grads[name].reshape(p.shape).astype(p.dtype)
 
-    grads = jax.tree_util.tree_map_with_path(assemble, other_grads, params)
+    grads = jax.tree_util.tree_map_with_path(assemble, params)
     return total / (rows * T), grads

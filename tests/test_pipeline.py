@@ -218,12 +218,13 @@ def test_plan_stages_and_bubble():
             ["microbatches >= mesh.pipeline (2 < 4)"],
         ),
         (MeshConfig(pipeline=2, fsdp=1), {"microbatches": 16}, {"grad_accum": 2}, ["(16 / 2 = 8)", "16 x 1 x 1"]),
+        (MeshConfig(pipeline=4, fsdp=1), {"schedule": "1f1b"}, {"seq_len": 30}, ["train.seq_len (30)", "(4)"]),
     ],
 )
 def test_pipeline_config_errors_name_the_fields_and_numbers(mesh, pipeline, train, fragments):
     cfg = config(MODELS["llama"], mesh).replace(
         pipeline=PipelineConfig(**pipeline),
-        train=TrainConfig(steps=STEPS, batch_size=16, seq_len=32, **train),
+        train=TrainConfig(**{"steps": STEPS, "batch_size": 16, "seq_len": 32, **train}),
     )
     n = int(np.prod([d for d in mesh.degrees().values() if d > 0]))
     with pytest.raises(ConfigError) as err:

@@ -69,8 +69,11 @@ class Decoder(nnx.Module):
             x = pipeline.run(stage, x, self.blocks.arrays(), self.block_logical(), plan, mesh)
         return self.final_norm_fn(x)
 
-    def embed_tokens(self, tokens: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
-        """tokens (B, T) -> embeddings (plus learned positions) (B, T, D) in the compute dtype."""
+    def embed_tokens(
+        self, tokens: jax.Array, mesh: jax.sharding.Mesh | None = None, offset: int | jax.Array = 0
+    ) -> jax.Array:
+        """tokens (B, T) -> embeddings (plus learned positions) (B, T, D) in the compute dtype; `offset` is the
+        position of tokens[:, 0] in its sequence (the 1F1B pipeline embeds pieces of sequences)."""
         dtype = compute_dtype(self.policy.compute)
         T = tokens.shape[1]
         # Gather the table's FSDP shards first (ZeRO-3 does this for every weight before use); a gather from
@@ -78,7 +81,8 @@ class Decoder(nnx.Module):
         table = constrain(self.embed.get_value(), ("vocab", None), mesh)
         x = jnp.take(table, tokens, axis=0).astype(dtype)  # (B, T, D)
         if FAMILIES[self.cfg.family].LEARNED_POSITIONS:
-            x = x + self.positions.get_value()[:T][None].astype(dtype)
+            positions = jax.lax.dynamic_slice_in_dim(self.positions.get_value(), offset, T)
+            x = x + positions[None].astype(dtype)
         return constrain(x, ("act_batch", "act_seq", "act_embed"), mesh)
 
     def stage_fn(self, seq_len: int, mesh: jax.sharding.Mesh | None = None):
