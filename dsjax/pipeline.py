@@ -19,8 +19,9 @@ of the loop gives the backward pass in reverse tick order: all forward work, the
 whose outputs are never used, so they contribute nothing to the loss or the gradients.
 
 1F1B (`value_and_grad_1f1b`) is a different loop: the backward pass is written into it instead of
-derived by autodiff, so each tick holds one forward and one backward pass per stage and a stage keeps at
-most 2P microbatch inputs (see its docstring); its forward-only uses (evaluation) run the GPipe loop.
+derived by autodiff, so each tick holds one forward and one backward pass per stage and a stage keeps the
+backward pass's residuals of at most 2P microbatches (see its docstring); its forward-only uses
+(evaluation) run the GPipe loop.
 
 Outside the pipelined layers (embedding, final norm, LM head, loss) the batch is split over the pipeline
 axis as well as data and fsdp (`act_batch`), so the stages share that work instead of repeating it; inside
@@ -47,6 +48,7 @@ from dsjax.precision import compute_dtype
 from dsjax.sharding import constrain
 
 STAGE_ACT = ("stage", "act_batch", "act_seq", "act_embed")
+FIRST_GRADS = ("stage", None, "act_batch", "act_seq", "act_embed")  # 1F1B: (P, M, mb, T / P, D)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,30 +207,66 @@ def _run(stage, x, stacked, logical, plan, mesh):
     return merge_microbatches(store[0], mesh, ("act_batch", "act_seq", "act_embed"))
 
 
-def value_and_grad_1f1b(graphdef, params, batch: jax.Array, mesh: jax.sharding.Mesh, plan: Plan, seed: jax.Array):
+def _stage_residuals(stage, w, x) -> tuple[list[bool], list]:
+    """For each residual that `jax.vjp(stage, w, x)` keeps for its backward pass (the leaves of its
+    pullback, in order): whether it depends on the stage input x, and its abstract value (shape, dtype,
+    memory space: remat.policy=offload keeps some in host memory). The others come from the
+    weights alone (the weights, their casts and reshapes): the same for every microbatch, so not worth
+    keeping per microbatch."""
+    from jax.extend.core import Var
+
+    def residuals(w, x):
+        return jax.tree.leaves(jax.vjp(stage, w, x)[1])
+
+    closed = jax.make_jaxpr(residuals)(w, x)
+    dependent = set(closed.jaxpr.invars[len(jax.tree.leaves(w)) :])
+    for eqn in closed.jaxpr.eqns:  # an equation's outputs depend on x if any of its inputs does
+        if any(isinstance(v, Var) and v in dependent for v in eqn.invars):
+            dependent.update(eqn.outvars)
+    flags = [isinstance(v, Var) and v in dependent for v in closed.jaxpr.outvars]
+    return flags, list(closed.out_avals)
+
+
+def value_and_grad_1f1b(
+    graphdef,
+    params,
+    batch: jax.Array,
+    mesh: jax.sharding.Mesh,
+    plan: Plan,
+    seed: jax.Array,
+    recompute: bool | None = None,
+):
     """(mean next-token loss of `batch`, gradients of seed x that loss) by the one-forward-one-backward
     schedule: the backward pass is not autodiff of the loop but part of it.
 
     In one SPMD loop of M + 2P - 1 ticks every stage runs, at tick t, the forward pass of microbatch t - s
     and the backward pass of microbatch t - 2P + 1 + s (each where it exists): the last stage's output goes
     through the final norm, LM head and loss (forward and backward), and its gradient starts down the
-    stages on the next tick. A stage keeps the input of each microbatch between its forward and its
-    backward pass, at most 2P of them (a ring buffer of 2P slots), whatever M is, and recomputes the
-    stage's forward inside the backward pass (stage-level rematerialisation). No activation outlives the
-    tick that made it except those stage inputs, so the memory grows with P, not with M. The price of
-    lockstep SPMD: the bubble is (2P - 1) / (M + 2P - 1) of the ticks.
+    stages on the next tick. Between a microbatch's forward and backward pass, a stage keeps the residuals
+    of its backward pass (what the remat policy saves: every activation with `none`, each layer's input
+    with `full`) that depend on the microbatch, for at most 2P microbatches (ring buffers of 2P slots),
+    whatever M is; the residuals that come from the weights alone are made again in the backward pass
+    (from the weights, without the forward pass). No other activation outlives the tick that made it, so
+    the memory grows with P, not with M, except for stage 0's input gradients (D values per token of the
+    batch, as many as its embeddings), kept for the embedding's backward pass. The price of lockstep SPMD:
+    the bubble is (2P - 1) / (M + 2P - 1) of the ticks.
+
+    With `recompute` (the default when the remat policy offloads residuals to host memory, which device
+    ring buffers would bring back), a stage keeps only each microbatch's input and runs its forward pass
+    again inside the backward pass: the least memory, for one more forward pass per tick.
 
     The work outside the stages is shared by all stages rather than repeated on each: every tick, stage k
     runs the final norm, LM head and loss (forward and backward) of positions k T/P, ..., (k + 1) T/P - 1
-    of the last stage's microbatch, and the embedding's backward pass of the same positions of stage 0's
-    microbatch. Each stage accumulates its share of those parameters' gradients separately; the shares
-    are summed once, after the loop.
+    of the last stage's microbatch, and keeps the same positions of stage 0's input gradient; after the
+    loop it runs the embedding's backward pass over its positions of every microbatch at once. Each stage
+    accumulates its share of those parameters' gradients separately; the shares are summed once, at the
+    end.
     """
     with sharding.rules(act_batch=("data", "fsdp")):
-        return _one_f_one_b(graphdef, params, batch, mesh, plan, seed)
+        return _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute)
 
 
-def _one_f_one_b(graphdef, params, batch, mesh, plan, seed):
+def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
     from flax import nnx
 
     from dsjax.sharding import logical_axes
@@ -236,7 +274,7 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed):
 
     model = nnx.merge(graphdef, params)
     P, M = plan.stages, plan.microbatches
-    K = 2 * P  # ring slots per stage: microbatches between a stage's forward and backward pass, at most 2P - 1
+    K = 2 * P  # ring slots per stage: a microbatch's forward and backward pass on stage s are 2P - 1 - 2s ticks apart
     rows, T = batch.shape[0], batch.shape[1] - 1
     S = T // P  # positions of a microbatch whose head, loss and embedding gradient each stage computes
     weights = stage_weights(model.blocks.arrays(), model.block_logical(), P, 1, mesh)
@@ -268,10 +306,13 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed):
         grads, y_grad = pull(cotangent)
         return jnp.where(valid, loss, 0.0), masked(valid, grads), jnp.where(valid, y_grad, 0)
 
-    def embed_backward(rest, tok, g, offset, valid):  # one stage's positions of stage 0's microbatch
-        _, pull = jax.vjp(lambda r: nnx.merge(graphdef, blocks, r).embed_tokens(tok, mesh, offset), rest)
-        (grads,) = pull(g)
-        return masked(valid, grads)
+    def embed_backward(rest, tok, g, offset):  # one stage's positions of every microbatch: (M, mb, S)
+        def embed_all(rest):
+            model = nnx.merge(graphdef, blocks, rest)
+            return jax.vmap(lambda tok: model.embed_tokens(tok, mesh, offset))(tok)
+
+        _, pull = jax.vjp(embed_all, rest)
+        return pull(g)[0]
 
     def embed(tok):
         return nnx.merge(graphdef, params).embed_tokens(tok, mesh)
@@ -279,23 +320,68 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed):
     def add(acc, grads):
         return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
 
-    forward = jax.vmap(stage, spmd_axis_name="pipeline")
-    backward = jax.vmap(lambda w, x, g: jax.vjp(stage, w, x)[1](g), spmd_axis_name="pipeline")
+    D = model.cfg.d_model
+    dtype = jnp.dtype(compute_dtype(model.policy.compute))
+    micro = tokens.shape[1]
+    x_spec = jax.ShapeDtypeStruct((micro, T, D), dtype)
+    w_spec = {name: jax.ShapeDtypeStruct(w.shape[1:], w.dtype) for name, w in weights.items()}
+    kept_flags, residual_specs = _stage_residuals(stage, w_spec, x_spec)
+
+    kept_specs = [r for r, kept in zip(residual_specs, kept_flags, strict=True) if kept]
+    # remat.policy=offload moves residuals to host memory: kept in device ring buffers, they would come back
+    # (and XLA computes on host memory on the way: measured 1.7x slower). Then each stage keeps only its
+    # input and runs its forward pass again in the backward pass, where offloading works as usual.
+    if recompute is None:
+        recompute = any(getattr(r, "memory_space", None) == jax.memory.Space.Host for r in kept_specs)
+    kept_specs = [x_spec] if recompute else kept_specs
+
+    def stage_forward(w, x):  # the stage's output, and the residuals of its backward pass that depend on x
+        if recompute:
+            return stage(w, x), [x]
+        y, pull = jax.vjp(stage, w, x)
+        return y, [r for r, k in zip(jax.tree.leaves(pull), kept_flags, strict=True) if k]
+
+    def stage_backward(w, kept, g):
+        if recompute:
+            return jax.vjp(stage, w, kept[0])[1](g)
+        # The residuals that come from the weights alone, taken from a pullback at a dummy input: the rest of
+        # that forward pass is unused, and XLA removes it.
+        _, pull = jax.vjp(stage, w, jnp.zeros(x_spec.shape, x_spec.dtype))
+        leaves, treedef = jax.tree.flatten(pull)
+        kept = iter(kept)
+        leaves = [next(kept) if k else leaf for leaf, k in zip(leaves, kept_flags, strict=True)]
+        return jax.tree.unflatten(treedef, leaves)(g)
+
+    stage_axis = sharding.resolve(("stage",), (P,), mesh) if mesh is not None else ()
+
+    def ring_constrain(ring):  # (P, K, ...): split over the stages; XLA picks the rest of the layout
+        if mesh is None:
+            return ring
+        inner = [jax.sharding.PartitionSpec.UNCONSTRAINED] * (ring.ndim - 2)
+        spec = jax.sharding.PartitionSpec(stage_axis[0] if len(stage_axis) else None, None, *inner)
+        return jax.lax.with_sharding_constraint(ring, jax.sharding.NamedSharding(mesh, spec))
+
+    forward = jax.vmap(stage_forward, spmd_axis_name="pipeline")
+    backward = jax.vmap(stage_backward, spmd_axis_name="pipeline")
     tails = jax.vmap(tail_backward, in_axes=(None, 0, 0, None), spmd_axis_name="pipeline")
-    embeds = jax.vmap(embed_backward, in_axes=(None, 0, 0, 0, None), spmd_axis_name="pipeline")
-    write = jax.vmap(lambda ring, i, x: jax.lax.dynamic_update_index_in_dim(ring, x, i, 0), spmd_axis_name="pipeline")
+    embeds = jax.vmap(embed_backward, in_axes=(None, 0, 0, 0), spmd_axis_name="pipeline")
+
+    def write(ring, t, x):  # every stage writes slot t mod K (one index for all: an in-place update)
+        return jax.lax.dynamic_update_index_in_dim(ring, x[:, None], t % K, 1)
+
     read = jax.vmap(lambda ring, i: jax.lax.dynamic_index_in_dim(ring, i, 0, keepdims=False), spmd_axis_name="pipeline")
     slot = jnp.arange(P)
     offsets = slot * S
 
     def tick(carry, t):
-        sent, returned, last_grad, ring, block_grads, rest_grads, total = carry
+        sent, returned, last_grad, rings, block_grads, rest_grads, first_grads, total = carry
         # forward: stage s runs microbatch t - s; stage 0 takes it from the embedding
         first = embed(tokens[jnp.minimum(t, M - 1)][:, :-1])
         inputs = jnp.where((slot == 0)[:, None, None, None], first[None], jnp.roll(sent, 1, axis=0))
         inputs = constrain(inputs, STAGE_ACT, mesh)
-        ring = write(ring, (t - slot) % K, inputs)
-        outputs = constrain(forward(weights, inputs), STAGE_ACT, mesh)
+        outputs, kept = forward(weights, inputs)
+        outputs = constrain(outputs, STAGE_ACT, mesh)
+        rings = [ring_constrain(write(ring, t, r)) for ring, r in zip(rings, kept, strict=True)]
         # the last stage's microbatch through the final norm, LM head and loss, forward and backward, its
         # positions split over the stages
         item = t - (P - 1)
@@ -304,43 +390,48 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed):
         losses, tail_grads, y_grads = tails(rest, pieces(outputs[P - 1]), pieces(labels), done)
         total = total + losses.sum()
         rest_grads = add(rest_grads, tail_grads)
-        # backward: stage s runs microbatch t - 2P + 1 + s, from its saved input and the gradient that the
-        # stage above (or, for the last stage, the loss) produced at the previous tick
+        # backward: stage s runs microbatch t - 2P + 1 + s, from its saved residuals and the gradient that
+        # the stage above (or, for the last stage, the loss) produced at the previous tick
         item_b = t - 2 * P + 1 + slot
         valid = (item_b >= 0) & (item_b < M)
         incoming = jnp.where((slot == P - 1)[:, None, None, None], last_grad[None], jnp.roll(returned, -1, axis=0))
         incoming = constrain(incoming, STAGE_ACT, mesh)
-        weight_grads, input_grads = backward(weights, read(ring, item_b % K), incoming)
+        written = (item_b + slot) % K  # the slot stage s wrote at microbatch t - 2P + 1 + s's forward tick
+        weight_grads, input_grads = backward(weights, [read(ring, written) for ring in rings], incoming)
         block_grads = add(block_grads, jax.tree.map(per_stage(valid), weight_grads))
         input_grads = constrain(per_stage(valid)(input_grads), STAGE_ACT, mesh)
-        # stage 0's input gradient: the embedding's backward pass for its microbatch, positions split over
-        # the stages
+        # stage 0's input gradient, kept for the embedding's backward pass after the loop, its positions split
+        # over the stages. Before microbatch 0's it is not valid; microbatch 0's overwrites it.
         item_e = t - 2 * P + 1
-        tok = tokens[jnp.clip(item_e, 0, M - 1)][:, :-1]
-        valid_e = (item_e >= 0) & (item_e < M)
-        rest_grads = add(rest_grads, embeds(rest, pieces(tok), pieces(input_grads[0]), offsets, valid_e))
-        return (outputs, input_grads, whole(y_grads), ring, block_grads, rest_grads, total), None
+        first_grads = jax.lax.dynamic_update_index_in_dim(
+            first_grads, pieces(input_grads[0])[:, None], jnp.maximum(item_e, 0), 1
+        )
+        first_grads = constrain(first_grads, FIRST_GRADS, mesh)
+        carry = (outputs, input_grads, whole(y_grads), rings, block_grads, rest_grads, first_grads, total)
+        return carry, None
 
     def stage_zeros(variable):  # a (P, ...) fp32 accumulator of one parameter's per-stage gradient shares
         zeros = jnp.zeros((P, *variable.get_value().shape), jnp.float32)
         return variable.replace(constrain(zeros, ("stage", *logical_axes(variable)), mesh))
 
-    D = model.cfg.d_model
-    dtype = jnp.dtype(compute_dtype(model.policy.compute))
-    micro = tokens.shape[1]
     acts = constrain(jnp.zeros((P, micro, T, D), dtype), STAGE_ACT, mesh)
-    ring = constrain(jnp.zeros((P, K, micro, T, D), dtype), ("stage", None, *STAGE_ACT[1:]), mesh)
+    rings = [ring_constrain(jnp.zeros((P, K, *r.shape), r.dtype)) for r in kept_specs]
     init = (
         acts,
         acts,
         jnp.zeros((micro, T, D), dtype),
-        ring,
+        rings,
         jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), weights),
         jax.tree.map(stage_zeros, rest, is_leaf=lambda x: isinstance(x, nnx.Variable)),
+        constrain(jnp.zeros((P, M, micro, S, D), dtype), FIRST_GRADS, mesh),
         jnp.zeros((), jnp.float32),
     )
     final, _ = jax.lax.scan(tick, init, jnp.arange(M + 2 * P - 1))
-    _, _, _, _, block_grads, rest_grads, total = final
+    _, _, _, _, block_grads, rest_grads, first_grads, total = final
+    # the embedding's backward pass, once for all microbatches: one scatter into the table per stage
+    first_tokens = tokens[:, :, :-1].reshape(M, micro, P, S).transpose(2, 0, 1, 3)  # (P, M, mb, S)
+    first_tokens = constrain(first_tokens, FIRST_GRADS[:-1], mesh)
+    rest_grads = add(rest_grads, embeds(rest, first_tokens, first_grads, offsets))
     rest_grads = {jax.tree_util.keystr(path): g.sum(0) for path, g in jax.tree_util.tree_leaves_with_path(rest_grads)}
 
     def assemble(path, p):

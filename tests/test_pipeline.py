@@ -59,7 +59,7 @@ def config(model: ModelConfig, mesh: MeshConfig, schedule="gpipe", microbatches=
     )
 
 
-def sgd_run(cfg: Config, devices, points=None):
+def sgd_run(cfg: Config, devices, points=None, recompute=None):
     """Losses and gradients at STEPS points of a plain SGD trajectory, with one compiled value-and-grad of
     the model as cfg lays it out. Without `points` it follows its own trajectory and returns its points
     (the single-device reference); with them it evaluates at the reference's points, so each comparison
@@ -68,7 +68,9 @@ def sgd_run(cfg: Config, devices, points=None):
     plan = make_plan(cfg, run.degrees)
     if plan is not None and plan.schedule == "1f1b":  # the schedule computes the gradients itself
         one = jnp.ones((), jnp.float32)
-        value_and_grad = jax.jit(lambda p, b: value_and_grad_1f1b(run.graphdef, p, b, run.mesh, plan, one))
+        value_and_grad = jax.jit(
+            lambda p, b: value_and_grad_1f1b(run.graphdef, p, b, run.mesh, plan, one, recompute=recompute)
+        )
     else:
         value_and_grad = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(run.graphdef, p, b, run.mesh)))
     update = jax.jit(lambda p, g: jax.tree.map(lambda a, b: a - 0.5 * b, p, g))
@@ -136,6 +138,17 @@ def test_pipeline_matches_single_device(family, layout, capfd):
         assert_trees_close(grads[step], ref_grads[step], rtol=1e-5, skip_noise=family == "gpt2", norm=True)
 
 
+def test_1f1b_with_stage_recompute_matches_single_device():
+    """The variant that keeps only the stage inputs and runs each stage's forward pass again in its
+    backward pass (what remat.policy=offload takes; the CPU cannot offload, so it is asked for here)."""
+    ref_losses, ref_grads, points, _ = reference("llama")
+    cfg = config(MODELS["llama"], MeshConfig(data=2, pipeline=2, fsdp=1), "1f1b", 4)
+    losses, grads, _, _ = sgd_run(cfg, jax.devices()[:4], points, recompute=True)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for step in range(STEPS):
+        assert_trees_close(grads[step], ref_grads[step], rtol=1e-5, norm=True)
+
+
 def test_evaluation_under_1f1b_runs_the_forward_loop_and_matches_single_device():
     ref_losses, _, points, _ = reference("llama")
     run = build(config(MODELS["llama"], MeshConfig(pipeline=2, fsdp=1), "1f1b", 4), devices=jax.devices()[:2])
@@ -167,8 +180,9 @@ def test_the_pipelined_train_step_with_remat_and_gradient_accumulation_matches_s
 
 def test_1f1b_memory_grows_with_the_stages_not_the_microbatches():
     """Compiled temporaries of the train step at a fixed microbatch (2 sequences of 64 tokens) for M = P
-    and 4P (experiments/RESULTS.md has P = 2 and 4 at M = P, 2P, 4P): GPipe keeps every microbatch's
-    activations until the backward pass, 1F1B at most 2P stage inputs."""
+    and 4P (experiments/RESULTS.md has P = 2 and 4 at M = P, 2P, 4P): GPipe keeps the activations of
+    all M + P - 1 ticks until the backward pass, 1F1B the residuals of at most 2P microbatches (here, with
+    no remat, every activation of the stage), whatever M is."""
     model = ModelConfig(family="llama", n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=256)
 
     def temporaries(schedule, M):
@@ -186,7 +200,7 @@ def test_1f1b_memory_grows_with_the_stages_not_the_microbatches():
     one_f_one_b = [temporaries("1f1b", M) for M in (2, 8)]
     gpipe = [temporaries("gpipe", M) for M in (2, 8)]
     assert max(one_f_one_b) <= 1.02 * min(one_f_one_b), one_f_one_b
-    assert gpipe[1] > 1.5 * gpipe[0] and one_f_one_b[1] < gpipe[1] / 3, (gpipe, one_f_one_b)
+    assert gpipe[1] > 1.5 * gpipe[0] and one_f_one_b[1] < 0.6 * gpipe[1], (gpipe, one_f_one_b)
 
 
 def test_plan_stages_and_bubble():

@@ -1,0 +1,93 @@
+"""The work of the 1F1B loop, all its stages on one device, against the plain step: one JSON line each.
+
+Usage (from the repository root):
+    PYTHONPATH=. python experiments/pipeline_work.py --preset=llama-1b --batch=8 --plans=2x8,4x16 [--steps=10]
+
+For each plan PxM (P stages, M microbatches) it times `dsjax.pipeline.value_and_grad_1f1b` (loss and
+gradients, no optimizer) on a mesh of one device, where the vmap over the stages runs every stage's work
+of every tick on that device, bubble ticks included; then the same loss and gradients by autodiff of the
+unpipelined model (`dsjax.step.loss_fn`), and the relative difference of the two gradients. This is not
+pipeline efficiency, which needs P devices (`bench_pipeline.py`): it shows how much work a tick costs,
+summed over the stages, and so what a change to the loop saves. With all stages' work on one device, the
+ideal ratio of the two times is the tick count over M, (M + 2P - 1) / M; what exceeds it is the loop's
+own overhead (recompute, the LM head and loss per tick, copies).
+
+Compilation and --warmup calls are excluded; --steps calls are timed with one block at the end. It also
+reports XLA's compiled temporaries. The call signature of value_and_grad_1f1b is the same at every
+commit since 1F1B existed, so older code can be timed by putting it first on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="llama-1b")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--plans", default="2x8", help="comma-separated PxM: stages x microbatches")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--label", default="", help="a tag copied into every line (e.g. the commit)")
+    args = parser.parse_args()
+
+    from dsjax import xla_flags
+
+    xla_flags.apply()
+    xla_flags.default_memory_fraction()
+    import jax
+    import jax.numpy as jnp
+
+    from dsjax.config import apply_overrides, preset
+    from dsjax.pipeline import Plan, value_and_grad_1f1b
+    from dsjax.step import loss_fn
+    from dsjax.train import batch_at, build
+
+    overrides = {"data.source": "synthetic", "train.batch_size": str(args.batch), "mesh.fsdp": "1"}
+    overrides.update(dict(s.split("=", 1) for s in args.set))
+    config = apply_overrides(preset(args.preset), overrides)
+    run = build(config, devices=jax.devices()[:1])
+    params, batch = run.state.params, batch_at(run, run.train_samples, 0)
+    one = jnp.ones((), jnp.float32)
+
+    def timed(fn) -> tuple[dict, tuple]:
+        compiled = jax.jit(fn).lower(params, batch).compile()
+        out = None
+        for _ in range(args.warmup):
+            out = compiled(params, batch)
+        jax.block_until_ready(out)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            out = compiled(params, batch)
+        jax.block_until_ready(out)
+        return {
+            "ms": round(1000 * (time.perf_counter() - start) / args.steps, 2),
+            "temp_gib": round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 3),
+            "loss": float(out[0]),
+        }, out
+
+    def relative_difference(grads, reference) -> float:  # over all parameters: |g - ref| / |ref|
+        def sq(tree):
+            return sum(jnp.sum(jnp.square(a.astype(jnp.float32))) for a in jax.tree.leaves(tree))
+
+        return float(jnp.sqrt(sq(jax.tree.map(jnp.subtract, grads, reference)) / sq(reference)))
+
+    base = {"label": args.label, "preset": args.preset, "batch": args.batch, "device": jax.devices()[0].device_kind}
+    plain, (_, reference) = timed(jax.value_and_grad(lambda p, b: loss_fn(run.graphdef, p, b, run.mesh)))
+    print(json.dumps({**base, "loop": "autodiff, unpipelined", **plain}), flush=True)
+    for spec in args.plans.split(","):
+        P, M = (int(v) for v in spec.split("x"))
+        plan = Plan(stages=P, microbatches=M, repeats=1, schedule="1f1b")
+        result, (_, grads) = timed(lambda p, b, plan=plan: value_and_grad_1f1b(run.graphdef, p, b, run.mesh, plan, one))
+        result["grad_relative_difference"] = relative_difference(grads, reference)
+        del grads
+        ideal = plain["ms"] * plan.ticks / M
+        print(json.dumps({**base, "loop": f"1f1b P={P} M={M}", **result, "ideal_ms": round(ideal, 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
