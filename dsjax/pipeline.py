@@ -37,6 +37,7 @@ gradients in the backward pass).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -62,15 +63,18 @@ class Plan:
 
     @property
     def ticks(self) -> int:
-        if self.schedule == "1f1b":  # each tick runs one forward and one backward pass per stage
+        if self.schedule == "1f1b":  # P forward-only ticks, M - 1 ticks of both, P backward-only ticks
             return self.microbatches + 2 * self.stages - 1
         return self.repeats * self.microbatches + self.stages - 1
 
     @property
     def bubble(self) -> float:
-        """The fraction of stage-ticks that do no useful work: (P - 1) / (R M + P - 1) for GPipe and
-        circular (whose loop runs forward ticks, then autodiff's backward ticks), (2P - 1) / (M + 2P - 1)
-        for 1F1B (whose ticks each hold a forward and a backward pass)."""
+        """The fraction of the stages' time that does no useful work: (P - 1) / (R M + P - 1) for GPipe and
+        circular (whose loop runs forward ticks, then autodiff's backward ticks). For 1F1B too, (P - 1) /
+        (M + P - 1): its P forward-only and P backward-only ticks together cost P forward-and-backward
+        ticks, so its loop costs M + P - 1 of them, for M microbatches."""
+        if self.schedule == "1f1b":
+            return (self.stages - 1) / (self.microbatches + self.stages - 1)
         return (self.ticks - self.repeats * self.microbatches) / self.ticks
 
     def chunks(self, n_layers: int) -> list[list[range]]:
@@ -239,7 +243,7 @@ def value_and_grad_1f1b(
     """(mean next-token loss of `batch`, gradients of seed x that loss) by the one-forward-one-backward
     schedule: the backward pass is not autodiff of the loop but part of it.
 
-    In one SPMD loop of M + 2P - 1 ticks every stage runs, at tick t, the forward pass of microbatch t - s
+    In an SPMD loop of M + 2P - 1 ticks every stage runs, at tick t, the forward pass of microbatch t - s
     and the backward pass of microbatch t - 2P + 1 + s (each where it exists): the last stage's output goes
     through the final norm, LM head and loss (forward and backward), and its gradient starts down the
     stages on the next tick. Between a microbatch's forward and backward pass, a stage keeps the residuals
@@ -248,8 +252,9 @@ def value_and_grad_1f1b(
     whatever M is; the residuals that come from the weights alone are made again in the backward pass
     (from the weights, without the forward pass). No other activation outlives the tick that made it, so
     the memory grows with P, not with M, except for stage 0's input gradients (D values per token of the
-    batch, as many as its embeddings), kept for the embedding's backward pass. The price of lockstep SPMD:
-    the bubble is (2P - 1) / (M + 2P - 1) of the ticks.
+    batch, as many as its embeddings), kept for the embedding's backward pass. In the first P ticks no
+    stage has a backward pass to run, and in the last P none has a forward pass: those ticks run only the
+    half that exists (three loops), so the bubble is (P - 1) / (M + P - 1), as in GPipe.
 
     With `recompute` (the default when the remat policy offloads residuals to host memory, which device
     ring buffers would bring back), a stage keeps only each microbatch's input and runs its forward pass
@@ -373,41 +378,45 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
     slot = jnp.arange(P)
     offsets = slot * S
 
-    def tick(carry, t):
+    def tick(carry, t, forward_pass=True, backward_pass=True):
         sent, returned, last_grad, rings, block_grads, rest_grads, first_grads, total = carry
-        # forward: stage s runs microbatch t - s; stage 0 takes it from the embedding
-        first = embed(tokens[jnp.minimum(t, M - 1)][:, :-1])
-        inputs = jnp.where((slot == 0)[:, None, None, None], first[None], jnp.roll(sent, 1, axis=0))
-        inputs = constrain(inputs, STAGE_ACT, mesh)
-        outputs, kept = forward(weights, inputs)
-        outputs = constrain(outputs, STAGE_ACT, mesh)
-        rings = [ring_constrain(write(ring, t, r)) for ring, r in zip(rings, kept, strict=True)]
-        # the last stage's microbatch through the final norm, LM head and loss, forward and backward, its
-        # positions split over the stages
-        item = t - (P - 1)
-        done = (item >= 0) & (item < M)
-        labels = tokens[jnp.clip(item, 0, M - 1)][:, 1:]
-        losses, tail_grads, y_grads = tails(rest, pieces(outputs[P - 1]), pieces(labels), done)
-        total = total + losses.sum()
-        rest_grads = add(rest_grads, tail_grads)
-        # backward: stage s runs microbatch t - 2P + 1 + s, from its saved residuals and the gradient that
-        # the stage above (or, for the last stage, the loss) produced at the previous tick
-        item_b = t - 2 * P + 1 + slot
-        valid = (item_b >= 0) & (item_b < M)
-        incoming = jnp.where((slot == P - 1)[:, None, None, None], last_grad[None], jnp.roll(returned, -1, axis=0))
-        incoming = constrain(incoming, STAGE_ACT, mesh)
-        written = (item_b + slot) % K  # the slot stage s wrote at microbatch t - 2P + 1 + s's forward tick
-        weight_grads, input_grads = backward(weights, [read(ring, written) for ring in rings], incoming)
-        block_grads = add(block_grads, jax.tree.map(per_stage(valid), weight_grads))
-        input_grads = constrain(per_stage(valid)(input_grads), STAGE_ACT, mesh)
-        # stage 0's input gradient, kept for the embedding's backward pass after the loop, its positions split
-        # over the stages. Before microbatch 0's it is not valid; microbatch 0's overwrites it.
-        item_e = t - 2 * P + 1
-        first_grads = jax.lax.dynamic_update_index_in_dim(
-            first_grads, pieces(input_grads[0])[:, None], jnp.maximum(item_e, 0), 1
-        )
-        first_grads = constrain(first_grads, FIRST_GRADS, mesh)
-        carry = (outputs, input_grads, whole(y_grads), rings, block_grads, rest_grads, first_grads, total)
+        outputs, tail_grad = sent, last_grad
+        if forward_pass:
+            # forward: stage s runs microbatch t - s; stage 0 takes it from the embedding
+            first = embed(tokens[jnp.minimum(t, M - 1)][:, :-1])
+            inputs = jnp.where((slot == 0)[:, None, None, None], first[None], jnp.roll(sent, 1, axis=0))
+            inputs = constrain(inputs, STAGE_ACT, mesh)
+            outputs, kept = forward(weights, inputs)
+            outputs = constrain(outputs, STAGE_ACT, mesh)
+            rings = [ring_constrain(write(ring, t, r)) for ring, r in zip(rings, kept, strict=True)]
+            # the last stage's microbatch through the final norm, LM head and loss, forward and backward, its
+            # positions split over the stages
+            item = t - (P - 1)
+            done = (item >= 0) & (item < M)
+            labels = tokens[jnp.clip(item, 0, M - 1)][:, 1:]
+            losses, tail_grads, y_grads = tails(rest, pieces(outputs[P - 1]), pieces(labels), done)
+            total = total + losses.sum()
+            rest_grads = add(rest_grads, tail_grads)
+            tail_grad = whole(y_grads)
+        if backward_pass:
+            # backward: stage s runs microbatch t - 2P + 1 + s, from its saved residuals and the gradient that
+            # the stage above (or, for the last stage, the loss) produced at the previous tick
+            item_b = t - 2 * P + 1 + slot
+            valid = (item_b >= 0) & (item_b < M)
+            incoming = jnp.where((slot == P - 1)[:, None, None, None], last_grad[None], jnp.roll(returned, -1, axis=0))
+            incoming = constrain(incoming, STAGE_ACT, mesh)
+            written = (item_b + slot) % K  # the slot stage s wrote at microbatch t - 2P + 1 + s's forward tick
+            weight_grads, returned = backward(weights, [read(ring, written) for ring in rings], incoming)
+            block_grads = add(block_grads, jax.tree.map(per_stage(valid), weight_grads))
+            returned = constrain(per_stage(valid)(returned), STAGE_ACT, mesh)
+            # stage 0's input gradient, kept for the embedding's backward pass after the loop, its positions
+            # split over the stages. Before microbatch 0's it is not valid; microbatch 0's overwrites it.
+            item_e = t - 2 * P + 1
+            first_grads = jax.lax.dynamic_update_index_in_dim(
+                first_grads, pieces(returned[0])[:, None], jnp.maximum(item_e, 0), 1
+            )
+            first_grads = constrain(first_grads, FIRST_GRADS, mesh)
+        carry = (outputs, returned, tail_grad, rings, block_grads, rest_grads, first_grads, total)
         return carry, None
 
     def stage_zeros(variable):  # a (P, ...) fp32 accumulator of one parameter's per-stage gradient shares
@@ -426,8 +435,12 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
         constrain(jnp.zeros((P, M, micro, S, D), dtype), FIRST_GRADS, mesh),
         jnp.zeros((), jnp.float32),
     )
-    final, _ = jax.lax.scan(tick, init, jnp.arange(M + 2 * P - 1))
-    _, _, _, _, block_grads, rest_grads, first_grads, total = final
+    # Ticks 0, ..., P - 1 hold no valid backward pass (the first one reaches the last stage at tick P) and
+    # ticks M + P - 1, ..., M + 2P - 2 no valid forward pass: those phases leave the idle half out.
+    carry, _ = jax.lax.scan(functools.partial(tick, backward_pass=False), init, jnp.arange(P))
+    carry, _ = jax.lax.scan(tick, carry, jnp.arange(P, M + P - 1))
+    carry, _ = jax.lax.scan(functools.partial(tick, forward_pass=False), carry, jnp.arange(M + P - 1, M + 2 * P - 1))
+    _, _, _, _, block_grads, rest_grads, first_grads, total = carry
     # the embedding's backward pass, once for all microbatches: one scatter into the table per stage
     first_tokens = tokens[:, :, :-1].reshape(M, micro, P, S).transpose(2, 0, 1, 3)  # (P, M, mb, S)
     first_tokens = constrain(first_tokens, FIRST_GRADS[:-1], mesh)

@@ -12,8 +12,9 @@ microbatch count. It prints one table row per configuration with
     measured efficiency = T_1 / (P x T_P)
 
 (the fraction of P GPUs' time the pipeline turns into the one-GPU work; 1 would be perfect) next to the
-schedule's theoretical 1 - bubble (`dsjax.pipeline.Plan.bubble`: R M / (R M + P - 1) for GPipe and circular,
-M / (M + 2P - 1) for lockstep 1F1B), which ignores communication and the per-tick overheads.
+schedule's theoretical 1 - bubble (`dsjax.pipeline.Plan.bubble`: R M / (R M + P - 1) for GPipe and
+circular, M / (M + P - 1) for 1F1B, whose P forward-only and P backward-only ticks cost P full ticks),
+which ignores communication and the per-tick overheads.
 """
 
 from __future__ import annotations

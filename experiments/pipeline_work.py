@@ -9,8 +9,10 @@ of every tick on that device, bubble ticks included; then the same loss and grad
 unpipelined model (`dsjax.step.loss_fn`), and the relative difference of the two gradients. This is not
 pipeline efficiency, which needs P devices (`bench_pipeline.py`): it shows how much work a tick costs,
 summed over the stages, and so what a change to the loop saves. With all stages' work on one device, the
-ideal ratio of the two times is the tick count over M, (M + 2P - 1) / M; what exceeds it is the loop's
-own overhead (recompute, the LM head and loss per tick, copies).
+ideal ratio of the two times is (M + P - 1) / M (the loop's M + 2P - 1 ticks, of which the first P
+run only forward passes and the last P only backward passes, cost M + P - 1 full ticks; before those
+phases were split off, all M + 2P - 1 were full ticks); what exceeds it is the loop's own overhead
+(recompute, the LM head and loss per tick, copies).
 
 Compilation and --warmup calls are excluded; --steps calls are timed with one block at the end. It also
 reports XLA's compiled temporaries. The call signature of value_and_grad_1f1b is the same at every
@@ -85,7 +87,7 @@ def main() -> None:
         result, (_, grads) = timed(lambda p, b, plan=plan: value_and_grad_1f1b(run.graphdef, p, b, run.mesh, plan, one))
         result["grad_relative_difference"] = relative_difference(grads, reference)
         del grads
-        ideal = plain["ms"] * plan.ticks / M
+        ideal = plain["ms"] / (1 - plan.bubble)
         print(json.dumps({**base, "loop": f"1f1b P={P} M={M}", **result, "ideal_ms": round(ideal, 2)}), flush=True)
 
 

@@ -179,10 +179,11 @@ def test_the_pipelined_train_step_with_remat_and_gradient_accumulation_matches_s
 
 
 def test_1f1b_memory_grows_with_the_stages_not_the_microbatches():
-    """Compiled temporaries of the train step at a fixed microbatch (2 sequences of 64 tokens) for M = P
-    and 4P (experiments/RESULTS.md has P = 2 and 4 at M = P, 2P, 4P): GPipe keeps the activations of
-    all M + P - 1 ticks until the backward pass, 1F1B the residuals of at most 2P microbatches (here, with
-    no remat, every activation of the stage), whatever M is."""
+    """Compiled temporaries of the train step at a fixed microbatch (2 sequences of 64 tokens) for M = P,
+    2P and 4P at P = 2 (experiments/RESULTS.md has P = 4 too): GPipe keeps the activations of all
+    M + P - 1 ticks until the backward pass, 1F1B the residuals of at most 2P microbatches (here, with no
+    remat, every activation of the stage), whatever M is. At M = P, 1F1B's middle loop has one tick, which
+    XLA inlines, and its temporaries come out higher than at 2P; they do not grow after that."""
     model = ModelConfig(family="llama", n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=256)
 
     def temporaries(schedule, M):
@@ -197,10 +198,10 @@ def test_1f1b_memory_grows_with_the_stages_not_the_microbatches():
         batch = jax.ShapeDtypeStruct((2 * M, 65), jnp.int32, sharding=run.batch_sharding)
         return run.train_step.lower(run.state, batch).compile().memory_analysis().temp_size_in_bytes
 
-    one_f_one_b = [temporaries("1f1b", M) for M in (2, 8)]
+    one_f_one_b = [temporaries("1f1b", M) for M in (2, 4, 8)]
     gpipe = [temporaries("gpipe", M) for M in (2, 8)]
-    assert max(one_f_one_b) <= 1.02 * min(one_f_one_b), one_f_one_b
-    assert gpipe[1] > 1.5 * gpipe[0] and one_f_one_b[1] < 0.6 * gpipe[1], (gpipe, one_f_one_b)
+    assert one_f_one_b[2] <= 1.02 * min(one_f_one_b[:2]), one_f_one_b
+    assert gpipe[1] > 1.5 * gpipe[0] and one_f_one_b[2] < 0.6 * gpipe[1], (gpipe, one_f_one_b)
 
 
 def test_plan_stages_and_bubble():
@@ -217,7 +218,7 @@ def test_plan_stages_and_bubble():
     assert [[(r.start, r.stop) for r in c] for c in circular.chunks(8)] == [[(0, 2), (4, 6)], [(2, 4), (6, 8)]]
     assert "stage 1: layers 2-3, 6-7" in circular.describe(8)
     one_f_one_b = Plan(stages=4, microbatches=8, repeats=1, schedule="1f1b")
-    assert one_f_one_b.ticks == 15 and one_f_one_b.bubble == pytest.approx(7 / 15)  # (2P-1)/(M+2P-1)
+    assert one_f_one_b.ticks == 15 and one_f_one_b.bubble == pytest.approx(3 / 11)  # (P-1)/(M+P-1)
 
 
 @pytest.mark.parametrize(
