@@ -26,6 +26,7 @@ backward pass's residuals of at most 2P microbatches (see its docstring); its fo
 Outside the pipelined layers (embedding, final norm, LM head, loss) the batch is split over the pipeline
 axis as well as data and fsdp (`act_batch`), so the stages share that work instead of repeating it; inside
 the loop `sharding.rules` takes the pipeline axis out of `act_batch`, since a stage holds whole microbatches.
+(1F1B, which runs the LM head and loss inside its loop, splits each microbatch's positions instead.)
 
 The stored parameters keep the canonical layer order (a checkpoint does not depend on the pipeline
 layout) with the layer axis split over the pipeline axis in contiguous blocks. For GPipe that block is
@@ -214,21 +215,70 @@ def _run(stage, x, stacked, logical, plan, mesh):
 def _stage_residuals(stage, w, x) -> tuple[list[bool], list]:
     """For each residual that `jax.vjp(stage, w, x)` keeps for its backward pass (the leaves of its
     pullback, in order): whether it depends on the stage input x, and its abstract value (shape, dtype,
-    memory space: remat.policy=offload keeps some in host memory). The others come from the
-    weights alone (the weights, their casts and reshapes): the same for every microbatch, so not worth
-    keeping per microbatch."""
-    from jax.extend.core import Var
+    memory space: remat.policy=offload keeps some in host memory). The others come from the weights alone
+    (the weights, their casts and reshapes, also those made inside the loop over layers): the same for
+    every microbatch, so not worth keeping per microbatch."""
 
     def residuals(w, x):
         return jax.tree.leaves(jax.vjp(stage, w, x)[1])
 
     closed = jax.make_jaxpr(residuals)(w, x)
-    dependent = set(closed.jaxpr.invars[len(jax.tree.leaves(w)) :])
-    for eqn in closed.jaxpr.eqns:  # an equation's outputs depend on x if any of its inputs does
-        if any(isinstance(v, Var) and v in dependent for v in eqn.invars):
-            dependent.update(eqn.outvars)
-    flags = [isinstance(v, Var) and v in dependent for v in closed.jaxpr.outvars]
-    return flags, list(closed.out_avals)
+    n_weights = len(jax.tree.leaves(w))
+    inputs = [i >= n_weights for i in range(len(closed.jaxpr.invars))]
+    return _depends(closed.jaxpr, inputs), list(closed.out_avals)
+
+
+def _depends(jaxpr, inputs: list[bool]) -> list[bool]:
+    """Which outputs of `jaxpr` depend on the inputs flagged in `inputs`. A scan's outputs are followed
+    through its body (its carries to a fixed point), a call's through the called jaxpr; any other
+    equation's outputs depend on its inputs if any of them does."""
+    from jax.extend.core import Var
+
+    dependent = {v for v, flag in zip(jaxpr.invars, inputs, strict=True) if flag}
+    for eqn in jaxpr.eqns:
+        flags = [isinstance(v, Var) and v in dependent for v in eqn.invars]
+        if any(flags):
+            dependent.update(v for v, flag in zip(eqn.outvars, _equation_depends(eqn, flags), strict=True) if flag)
+    return [isinstance(v, Var) and v in dependent for v in jaxpr.outvars]
+
+
+def _equation_depends(eqn, inputs: list[bool]) -> list[bool]:
+    def inner(value):  # the Jaxpr of a Jaxpr or ClosedJaxpr parameter, else None
+        value = getattr(value, "jaxpr", value)
+        return value if hasattr(value, "eqns") and hasattr(value, "invars") else None
+
+    split = _scan_split(eqn) if eqn.primitive.name == "scan" else None
+    if split is not None:
+        body, (consts, n_carry) = inner(eqn.params["jaxpr"]), split
+        carry = inputs[consts : consts + n_carry]
+        while True:
+            outputs = _depends(body, inputs[:consts] + carry + inputs[consts + n_carry :])
+            merged = [a or b for a, b in zip(carry, outputs[:n_carry], strict=True)]
+            if merged == carry:
+                return merged + outputs[n_carry:]
+            carry = merged
+    for value in eqn.params.values() if eqn.primitive.name in _CALLS else ():  # follow the called jaxpr
+        called = inner(value)
+        if called is not None and len(called.invars) == len(eqn.invars) and len(called.outvars) == len(eqn.outvars):
+            return _depends(called, inputs)
+    return [True] * len(eqn.outvars)
+
+
+def _scan_split(eqn) -> tuple[int, int] | None:
+    """(constants, carries) among a scan's inputs (the rest are the scanned inputs); None if this jax
+    version's scan parameters say it in a way not known here."""
+    params = eqn.params
+    if "num_consts" in params and "num_carry" in params:  # jax <= 0.10
+        return params["num_consts"], params["num_carry"]
+    parts = params.get("ft_in")  # jax 0.11: the input types as (constants, carries, scanned inputs)
+    if parts is not None and len(parts) == 3 and sum(len(part) for part in parts) == len(eqn.invars):
+        return len(parts[0]), len(parts[1])
+    return None
+
+
+# primitives that call one jaxpr once, with the equation's inputs and outputs (a while loop's body, whose
+# carries feed back, is not one of them)
+_CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call", "custom_vjp_call"}
 
 
 def value_and_grad_1f1b(
@@ -247,8 +297,8 @@ def value_and_grad_1f1b(
     and the backward pass of microbatch t - 2P + 1 + s (each where it exists): the last stage's output goes
     through the final norm, LM head and loss (forward and backward), and its gradient starts down the
     stages on the next tick. Between a microbatch's forward and backward pass, a stage keeps the residuals
-    of its backward pass (what the remat policy saves: every activation with `none`, each layer's input
-    with `full`) that depend on the microbatch, for at most 2P microbatches (ring buffers of 2P slots),
+    of its backward pass (what the remat policy saves: every activation with `none`, each remat group's
+    input with `full`) that depend on the microbatch, for at most 2P microbatches (ring buffers of 2P slots),
     whatever M is; the residuals that come from the weights alone are made again in the backward pass
     (from the weights, without the forward pass). No other activation outlives the tick that made it, so
     the memory grows with P, not with M, except for stage 0's input gradients (D values per token of the
@@ -258,7 +308,8 @@ def value_and_grad_1f1b(
 
     With `recompute` (the default when the remat policy offloads residuals to host memory, which device
     ring buffers would bring back), a stage keeps only each microbatch's input and runs its forward pass
-    again inside the backward pass: the least memory, for one more forward pass per tick.
+    again inside the backward pass: the least memory, for one more forward pass per tick (also in the
+    backward-only ticks, which `Plan.bubble` does not count).
 
     The work outside the stages is shared by all stages rather than repeated on each: every tick, stage k
     runs the final norm, LM head and loss (forward and backward) of positions k T/P, ..., (k + 1) T/P - 1
@@ -344,7 +395,11 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
         if recompute:
             return stage(w, x), [x]
         y, pull = jax.vjp(stage, w, x)
-        return y, [r for r, k in zip(jax.tree.leaves(pull), kept_flags, strict=True) if k]
+        kept = [r for r, k in zip(jax.tree.leaves(pull), kept_flags, strict=True) if k]
+        for r, spec in zip(kept, kept_specs, strict=True):  # the same residuals as _stage_residuals traced
+            if (r.shape, r.dtype) != (spec.shape, spec.dtype):
+                raise RuntimeError(f"1F1B: a stage residual is {r.dtype}{r.shape}, traced as {spec.dtype}{spec.shape}")
+        return y, kept
 
     def stage_backward(w, kept, g):
         if recompute:

@@ -149,6 +149,21 @@ def test_1f1b_with_stage_recompute_matches_single_device():
         assert_trees_close(grads[step], ref_grads[step], rtol=1e-5, norm=True)
 
 
+@pytest.mark.parametrize(("stages", "micro"), [(4, 2), (2, 1)], ids=["M<P", "M=1"])
+def test_1f1b_with_fewer_microbatches_than_stages_matches_single_device(stages, micro):
+    """M < P and M = 1: the middle loop (ticks with both passes) is short or empty, and the forward-only
+    and backward-only loops overlap the microbatches' whole lives. One step's loss and gradients."""
+    ref_losses, ref_grads, points, _ = reference("llama")
+    cfg = config(MODELS["llama"], MeshConfig(pipeline=stages, fsdp=1), "1f1b", micro)
+    run = build(cfg, devices=jax.devices()[:stages])
+    plan = make_plan(cfg, run.degrees)
+    one = jnp.ones((), jnp.float32)
+    value_and_grad = jax.jit(lambda p, b: value_and_grad_1f1b(run.graphdef, p, b, run.mesh, plan, one))
+    loss, grads = value_and_grad(jax.device_put(points[0], run.shardings.params), batch_at(run, run.train_samples, 0))
+    np.testing.assert_allclose(float(loss), ref_losses[0], rtol=1e-5)
+    assert_trees_close(jax.device_get(nnx.to_pure_dict(grads)), ref_grads[0], rtol=1e-5, norm=True)
+
+
 def test_evaluation_under_1f1b_runs_the_forward_loop_and_matches_single_device():
     ref_losses, _, points, _ = reference("llama")
     run = build(config(MODELS["llama"], MeshConfig(pipeline=2, fsdp=1), "1f1b", 4), devices=jax.devices()[:2])

@@ -167,8 +167,10 @@ def loss_and_unit_grad(
     if resolve(impl, sharding) == "xla":
         return _xla(logits, labels, grad_dtype)
     run = functools.partial(_pallas, grad_dtype=grad_dtype, interpret=_platform(sharding) != "gpu")
-    if sharding is None or all(axis is None for axis in sharding.spec):
+    if sharding is None or sharding.mesh.size == 1:
         return run(logits, labels)
+    # On a mesh, always under shard_map, also with replicated logits: under a vmap over the pipeline stages
+    # (the 1F1B loop's LM head) shard_map splits the stage axis, where a bare kernel call would be gathered.
     spec = tuple(sharding.spec) + (None,) * (3 - len(sharding.spec))
     rows = P(spec[0], spec[1])
     mapped = jax.shard_map(
