@@ -364,8 +364,8 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
 
     def embed_backward(rest, tok, g, offset):  # one stage's positions of every microbatch: (M, mb, S)
         def embed_all(rest):
-            model = nnx.merge(graphdef, blocks, rest)
-            return jax.vmap(lambda tok: model.embed_tokens(tok, mesh, offset))(tok)
+            m = nnx.merge(graphdef, blocks, rest)
+            return jax.vmap(lambda tok: m.embed_tokens(tok, mesh, offset))(tok)
 
         _, pull = jax.vjp(embed_all, rest)
         return pull(g)[0]

@@ -59,6 +59,12 @@ def config(model: ModelConfig, mesh: MeshConfig, schedule="gpipe", microbatches=
     )
 
 
+def one_f_one_b(run, plan, recompute=None):
+    """jit of (params, batch) -> (loss, gradients) by the 1F1B loop, seeded with 1."""
+    one = jnp.ones((), jnp.float32)
+    return jax.jit(lambda p, b: value_and_grad_1f1b(run.graphdef, p, b, run.mesh, plan, one, recompute=recompute))
+
+
 def sgd_run(cfg: Config, devices, points=None, recompute=None):
     """Losses and gradients at STEPS points of a plain SGD trajectory, with one compiled value-and-grad of
     the model as cfg lays it out. Without `points` it follows its own trajectory and returns its points
@@ -67,10 +73,7 @@ def sgd_run(cfg: Config, devices, points=None, recompute=None):
     run = build(cfg, devices=devices)
     plan = make_plan(cfg, run.degrees)
     if plan is not None and plan.schedule == "1f1b":  # the schedule computes the gradients itself
-        one = jnp.ones((), jnp.float32)
-        value_and_grad = jax.jit(
-            lambda p, b: value_and_grad_1f1b(run.graphdef, p, b, run.mesh, plan, one, recompute=recompute)
-        )
+        value_and_grad = one_f_one_b(run, plan, recompute)
     else:
         value_and_grad = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(run.graphdef, p, b, run.mesh)))
     update = jax.jit(lambda p, g: jax.tree.map(lambda a, b: a - 0.5 * b, p, g))
@@ -156,9 +159,7 @@ def test_1f1b_with_fewer_microbatches_than_stages_matches_single_device(stages, 
     ref_losses, ref_grads, points, _ = reference("llama")
     cfg = config(MODELS["llama"], MeshConfig(pipeline=stages, fsdp=1), "1f1b", micro)
     run = build(cfg, devices=jax.devices()[:stages])
-    plan = make_plan(cfg, run.degrees)
-    one = jnp.ones((), jnp.float32)
-    value_and_grad = jax.jit(lambda p, b: value_and_grad_1f1b(run.graphdef, p, b, run.mesh, plan, one))
+    value_and_grad = one_f_one_b(run, make_plan(cfg, run.degrees))
     loss, grads = value_and_grad(jax.device_put(points[0], run.shardings.params), batch_at(run, run.train_samples, 0))
     np.testing.assert_allclose(float(loss), ref_losses[0], rtol=1e-5)
     assert_trees_close(jax.device_get(nnx.to_pure_dict(grads)), ref_grads[0], rtol=1e-5, norm=True)
