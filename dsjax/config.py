@@ -39,6 +39,7 @@ FAMILIES = ("llama", "gpt2")
 DATA_SOURCES = ("default", "text", "tokens", "synthetic")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 LOSS_KERNELS = ("auto", "xla", "pallas")
+NORM_KERNELS = ("auto", "xla", "pallas")
 LOSS_SCALES = ("auto", "dynamic", "static", "none")
 
 
@@ -61,6 +62,11 @@ class ModelConfig:
         "auto",
         "LM-head loss and its logits gradient: 'auto' (Pallas kernel on GPU, XLA where tensor parallelism splits "
         "the vocabulary, with train.loss_chunk and on CPU), 'xla' or 'pallas' (interpreted on CPU: for tests)",
+    )
+    norm_kernel: str = doc(
+        "auto",
+        "residual add + LayerNorm/RMSNorm: 'auto' (Pallas kernels for LayerNorm on GPU with d_model <= 8192; "
+        "XLA for RMSNorm and on CPU), 'xla' or 'pallas' (interpreted on CPU: for tests)",
     )
     scan_layers: bool = doc(
         True, "compile one block and scan it over the layers (fast compile); false unrolls them (XLA sees all)"
@@ -98,6 +104,10 @@ class ModelConfig:
         _require(
             self.loss_kernel in LOSS_KERNELS,
             f"model.loss_kernel must be one of {LOSS_KERNELS}, got {self.loss_kernel!r}.",
+        )
+        _require(
+            self.norm_kernel in NORM_KERNELS,
+            f"model.norm_kernel must be one of {NORM_KERNELS}, got {self.norm_kernel!r}.",
         )
         _require(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}.")
         _require(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps}.")

@@ -356,7 +356,7 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
     def tail_backward(rest, y, labels, valid):  # one stage's positions of the last stage's microbatch
         def tail(rest, y):
             m = nnx.merge(graphdef, blocks, rest)
-            return m.token_losses(m.final_norm_fn(y), m.head(), labels, mesh).sum()
+            return m.token_losses(m.final_norm_fn(y, mesh), m.head(), labels, mesh).sum()
 
         loss, pull = jax.vjp(tail, rest, y)
         grads, y_grad = pull(cotangent)

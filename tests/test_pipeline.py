@@ -8,6 +8,8 @@ seen once) moves by a full step in a direction the summation order decides. As i
 GPT-2's key bias, whose gradient is analytically zero, is checked to stay at the rounding-noise level instead.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,6 +152,19 @@ def test_1f1b_with_stage_recompute_matches_single_device():
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for step in range(STEPS):
         assert_trees_close(grads[step], ref_grads[step], rtol=1e-5, norm=True)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipelines_with_the_norm_kernels_match_single_device(schedule):
+    """The Pallas norm kernels (interpreted here) inside the stages: under shard_map per device and, in
+    1F1B, with their residuals split into the rings and rebuilt for the backward pass."""
+    ref_losses, ref_grads, points, _ = reference("gpt2")
+    model = dataclasses.replace(MODELS["gpt2"], norm_kernel="pallas")
+    cfg = config(model, MeshConfig(pipeline=2, fsdp=2, tensor=2), schedule, 2)
+    losses, grads, _, _ = sgd_run(cfg, jax.devices()[:8], points)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for step in range(STEPS):
+        assert_trees_close(grads[step], ref_grads[step], rtol=1e-5, skip_noise=True, norm=True)
 
 
 @pytest.mark.parametrize(("stages", "micro"), [(4, 2), (2, 1)], ids=["M<P", "M=1"])

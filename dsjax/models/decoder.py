@@ -67,7 +67,7 @@ class Decoder(nnx.Module):
             x = stage(self.blocks.arrays(), x)
         else:
             x = pipeline.run(stage, x, self.blocks.arrays(), self.block_logical(), plan, mesh)
-        return self.final_norm_fn(x)
+        return self.final_norm_fn(x, mesh)
 
     def embed_tokens(
         self, tokens: jax.Array, mesh: jax.sharding.Mesh | None = None, offset: int | jax.Array = 0
@@ -104,8 +104,8 @@ class Decoder(nnx.Module):
 
         return stage
 
-    def final_norm_fn(self, x: jax.Array) -> jax.Array:
-        return FAMILIES[self.cfg.family].final_norm(x, self.final_norm.arrays(), self.cfg)
+    def final_norm_fn(self, x: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+        return FAMILIES[self.cfg.family].final_norm(x, self.final_norm.arrays(), self.cfg, mesh)
 
     def block_logical(self) -> dict[str, tuple]:
         return {name: logical_axes(getattr(self.blocks, name)) for name in self.blocks.names}

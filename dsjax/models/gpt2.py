@@ -7,8 +7,9 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.config import ModelConfig
-from dsjax.models.layers import ParamSpec, cast, causal_attention, layer_norm
-from dsjax.sharding import constrain
+from dsjax.models.layers import ParamSpec, cast, causal_attention
+from dsjax.models.norms import add_norm
+from dsjax.sharding import constrain, named
 
 LEARNED_POSITIONS = True
 
@@ -42,8 +43,9 @@ def norm_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
     }
 
 
-def final_norm(x: jax.Array, p: dict[str, jax.Array], cfg: ModelConfig) -> jax.Array:
-    return layer_norm(x, p["scale"], p["bias"], cfg.norm_eps)
+def final_norm(x: jax.Array, p: dict[str, jax.Array], cfg: ModelConfig, mesh=None) -> jax.Array:
+    sharding = None if mesh is None else named(("act_batch", "act_seq", "act_embed"), x.shape, mesh)
+    return add_norm(x, None, p["scale"], p["bias"], cfg.norm_eps, impl=cfg.norm_kernel, sharding=sharding)[1]
 
 
 def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: ModelConfig, mesh) -> jax.Array:
@@ -52,15 +54,15 @@ def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: Mode
     p = cast(p, x.dtype, keep=("ln1_scale", "ln1_bias", "ln2_scale", "ln2_bias"))
     act = ("act_batch", "act_seq", "act_embed")
     heads = ("act_batch", "act_seq", "act_heads", None)
-    h = layer_norm(x, p["ln1_scale"], p["ln1_bias"], cfg.norm_eps)
+    norm = dict(eps=cfg.norm_eps, impl=cfg.norm_kernel, sharding=None if mesh is None else named(act, x.shape, mesh))
+    _, h = add_norm(x, None, p["ln1_scale"], p["ln1_bias"], **norm)
     q = checkpoint_name(constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wq"]) + p["bq"], heads, mesh), "query_proj")
     k = checkpoint_name(constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wk"]) + p["bk"], heads, mesh), "key_proj")
     v = checkpoint_name(constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wv"]) + p["bv"], heads, mesh), "value_proj")
     o = checkpoint_name(causal_attention(q, k, v, cfg.attention), "context")  # (B, T, N, H)
-    out = jnp.einsum("BTNH,NHD->BTD", o, p["wo"]) + p["bo"]
-    x = x + checkpoint_name(constrain(out, act, mesh), "out_proj")
-
-    h = layer_norm(x, p["ln2_scale"], p["ln2_bias"], cfg.norm_eps)
+    out = checkpoint_name(constrain(jnp.einsum("BTNH,NHD->BTD", o, p["wo"]), act, mesh), "out_proj")
+    # x + (out + bo) and its LayerNorm in one pass (dsjax.models.norms)
+    x, h = add_norm(x, out, p["ln2_scale"], p["ln2_bias"], y_bias=p["bo"], **norm)
     hidden = checkpoint_name(jnp.einsum("BTD,DF->BTF", h, p["w_fc"]) + p["b_fc"], "mlpwi_0")
     hidden = constrain(jax.nn.gelu(hidden, approximate=True), ("act_batch", "act_seq", "act_mlp"), mesh)
     out = jnp.einsum("BTF,FD->BTD", hidden, p["w_proj"]) + p["b_proj"]

@@ -63,22 +63,6 @@ class Group(nnx.Module):
         return {name: getattr(self, name).get_value() for name in self.names}
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """x (..., D) scaled to unit root-mean-square, times scale (D,). Statistics in fp32; returns x.dtype."""
-    x32 = x.astype(jnp.float32)
-    rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    return (x32 * rms * scale.astype(jnp.float32)).astype(x.dtype)
-
-
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """x (..., D) to zero mean and unit variance, times scale (D,) plus bias (D,). Statistics in fp32."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
-
-
 def cast(params: dict[str, jax.Array], dtype, keep: tuple[str, ...] = ()) -> dict[str, jax.Array]:
     """A layer's parameters in the compute dtype, except those named in `keep` (norm parameters, which
     the norms use in fp32: rounding them to bf16 first would throw the master precision away)."""

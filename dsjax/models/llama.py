@@ -7,8 +7,9 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.config import ModelConfig
-from dsjax.models.layers import ParamSpec, cast, causal_attention, rms_norm, rope
-from dsjax.sharding import constrain
+from dsjax.models.layers import ParamSpec, cast, causal_attention, rope
+from dsjax.models.norms import add_norm
+from dsjax.sharding import constrain, named
 
 LEARNED_POSITIONS = False
 
@@ -28,8 +29,9 @@ def block_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
     }
 
 
-def final_norm(x: jax.Array, p: dict[str, jax.Array], cfg: ModelConfig) -> jax.Array:
-    return rms_norm(x, p["scale"], cfg.norm_eps)
+def final_norm(x: jax.Array, p: dict[str, jax.Array], cfg: ModelConfig, mesh=None) -> jax.Array:
+    sharding = None if mesh is None else named(("act_batch", "act_seq", "act_embed"), x.shape, mesh)
+    return add_norm(x, None, p["scale"], None, cfg.norm_eps, impl=cfg.norm_kernel, sharding=sharding)[1]
 
 
 def norm_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
@@ -41,15 +43,15 @@ def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: Mode
     p = cast(p, x.dtype, keep=("attn_norm", "mlp_norm"))
     act = ("act_batch", "act_seq", "act_embed")
     heads, kv_heads = ("act_batch", "act_seq", "act_heads", None), ("act_batch", "act_seq", "act_kv_heads", None)
-    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    norm = dict(eps=cfg.norm_eps, impl=cfg.norm_kernel, sharding=None if mesh is None else named(act, x.shape, mesh))
+    _, h = add_norm(x, None, p["attn_norm"], None, **norm)
     q = checkpoint_name(constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wq"]), heads, mesh), "query_proj")
     k = checkpoint_name(constrain(jnp.einsum("BTD,DKH->BTKH", h, p["wk"]), kv_heads, mesh), "key_proj")
     v = checkpoint_name(constrain(jnp.einsum("BTD,DKH->BTKH", h, p["wv"]), kv_heads, mesh), "value_proj")
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     o = checkpoint_name(causal_attention(q, k, v, cfg.attention), "context")  # (B, T, N, H)
-    x = x + checkpoint_name(constrain(jnp.einsum("BTNH,NHD->BTD", o, p["wo"]), act, mesh), "out_proj")
-
-    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+    out = checkpoint_name(constrain(jnp.einsum("BTNH,NHD->BTD", o, p["wo"]), act, mesh), "out_proj")
+    x, h = add_norm(x, out, p["mlp_norm"], None, **norm)  # x + out and its RMSNorm in one pass
     gate = checkpoint_name(jnp.einsum("BTD,DF->BTF", h, p["w_gate"]), "mlpwi_0")
     up = checkpoint_name(jnp.einsum("BTD,DF->BTF", h, p["w_up"]), "mlpwi_1")
     hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"), mesh)
