@@ -3,7 +3,7 @@
 The decoder tags its intermediate tensors (MaxText's names):
     query_proj, key_proj, value_proj   q, k, v after their projections          (B, T, N|K, H)
     context                            attention output before the out proj    (B, T, N, H)
-    out_proj                           attention block output                  (B, T, D)
+    out_proj                           attention output projection (gpt2: before its bias)  (B, T, D)
     mlpwi_0, mlpwi_1                   MLP up/gate projections (F-wide)        (B, T, F)
     mlpwo                              MLP block output                        (B, T, D)
 

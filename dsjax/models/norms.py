@@ -403,6 +403,8 @@ def add_norm(
     """
     if y_bias is not None and y is None:
         raise ValueError("add_norm: y_bias needs y")
+    if y is not None and y.dtype != x.dtype:  # the kernels write s and the gradients in x's dtype
+        raise ValueError(f"add_norm: y ({y.dtype}) must have x's dtype ({x.dtype})")
     if resolve(impl, x.shape[-1], sharding, rms=bias is None) == "xla":
         return _xla(x, y, y_bias, scale, bias, eps)
     mapped = None if sharding is None or sharding.mesh.size == 1 else _mapper(sharding)
