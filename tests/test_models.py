@@ -11,6 +11,7 @@ from flax import nnx
 from dsjax.config import ConfigError, ModelConfig, preset
 from dsjax.metrics import flops_per_token, peak_flops
 from dsjax.models import Decoder, param_counts
+from dsjax.models.gpt2 import bias_gelu
 from dsjax.models.layers import attention_impl
 
 SMALL = {
@@ -76,3 +77,24 @@ def test_attention_selection():
     assert attention_impl("auto", jnp.bfloat16, 256, platform="gpu") == "xla"  # head dim too large
     with pytest.raises(ConfigError, match="needs a GPU"):
         attention_impl("cudnn", jnp.float32, 64, platform="gpu")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_bias_gelu_differentiates_as_the_composition(dtype):
+    """GPT-2's GELU with its hand-written backward pass (tanh recomputed) gives autodiff's value and
+    gradients of gelu(u + b), to rounding: the same operations, fused differently by XLA (fp32 relative
+    1e-6; bf16 one rounding, 2^-8)."""
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    u = (3 * jax.random.normal(k1, (2, 5, 24))).astype(dtype)
+    b = jax.random.normal(k2, (24,)).astype(dtype)
+    w = jax.random.normal(k3, (2, 5, 24)).astype(dtype)
+
+    def loss(f):
+        return jax.jit(jax.value_and_grad(lambda u, b: (f(u, b) * w).astype(jnp.float32).sum(), argnums=(0, 1)))
+
+    got = loss(bias_gelu)(u, b)
+    want = loss(lambda u, b: jax.nn.gelu(u + b, approximate=True))(u, b)
+    for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == c.dtype
+        rtol = 1e-6 if dtype == jnp.float32 else 2**-8
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(c, np.float32), rtol=rtol, atol=1e-6)
