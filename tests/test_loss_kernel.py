@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from training import assert_decoder_settings_agree
 
 from dsjax.config import ConfigError, ModelConfig
 from dsjax.mesh import make_mesh
@@ -89,19 +90,7 @@ def test_auto_takes_the_kernel_on_gpus_unless_the_vocabulary_is_split(monkeypatc
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_decoder_loss_and_gradients_equal_for_both_kernels(family):
-    batch = jax.random.randint(jax.random.key(3), (4, 17), 0, 256)
-    results = []
-    for kernel in ("xla", "pallas"):
-        cfg = ModelConfig(
-            family=family, n_layers=1, d_model=16, n_heads=2, n_kv_heads=2, d_ff=32, max_seq_len=16,
-            tie_embeddings=family == "gpt2", loss_kernel=kernel,
-        )  # fmt: skip
-        graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
-        results.append(jax.jit(jax.value_and_grad(lambda p, g=graphdef: loss_fn(g, p, batch, None)))(params))
-    (xla_loss, xla_grads), (pallas_loss, pallas_grads) = results
-    np.testing.assert_allclose(pallas_loss, xla_loss, rtol=1e-6)
-    for got, want in zip(jax.tree.leaves(pallas_grads), jax.tree.leaves(xla_grads), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+    assert_decoder_settings_agree(family, "loss_kernel", ("xla", "pallas"))
 
 
 def test_the_chunked_loss_keeps_xla_under_auto(monkeypatch):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from training import assert_decoder_settings_agree
 
 from dsjax.config import (
     Config,
@@ -24,7 +25,7 @@ from dsjax.config import (
     TrainConfig,
 )
 from dsjax.mesh import make_mesh
-from dsjax.models import Decoder, norms
+from dsjax.models import norms
 from dsjax.sharding import named
 from dsjax.step import loss_fn
 from dsjax.train import batch_at, build
@@ -118,19 +119,7 @@ def test_auto_takes_the_kernels_for_layernorm_on_gpus(monkeypatch):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_decoder_loss_and_gradients_equal_for_both_implementations(family):
-    batch = jax.random.randint(jax.random.key(3), (4, 17), 0, 256)
-    results = []
-    for impl in ("xla", "pallas"):
-        cfg = ModelConfig(
-            family=family, n_layers=2, d_model=24, n_heads=2, n_kv_heads=2, d_ff=32, max_seq_len=16,
-            tie_embeddings=family == "gpt2", norm_kernel=impl,
-        )  # fmt: skip
-        graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
-        results.append(jax.jit(jax.value_and_grad(lambda p, g=graphdef: loss_fn(g, p, batch, None)))(params))
-    (xla_loss, xla_grads), (pallas_loss, pallas_grads) = results
-    np.testing.assert_allclose(pallas_loss, xla_loss, rtol=1e-6)
-    for got, want in zip(jax.tree.leaves(pallas_grads), jax.tree.leaves(xla_grads), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert_decoder_settings_agree(family, "norm_kernel", ("xla", "pallas"), n_layers=2, d_model=24)
 
 
 def test_sharded_bf16_decoder_with_remat_equal_for_both_implementations(no_compilation_cache):

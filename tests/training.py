@@ -1,10 +1,14 @@
 """Shared by the tests: the two small model families and a few plain train steps (equivalence tests),
-and the command-line flags of a small model (CLI and multi-process tests)."""
+the loss and gradients of a tiny decoder under two settings (kernel tests), and the command-line flags of
+a small model (CLI and multi-process tests)."""
 
 import jax
+import numpy as np
 from flax import nnx
 
 from dsjax.config import Config, ModelConfig
+from dsjax.models import Decoder
+from dsjax.step import loss_fn
 from dsjax.train import batch_at, build
 
 # A small model for command-line runs: compile time, and so test time, grows with the model.
@@ -55,3 +59,22 @@ def train_steps(cfg: Config, devices, steps: int):
         run.state, metrics = run.train_step(run.state, batch_at(run, run.train_samples, step))
         losses.append(float(metrics["loss"]))  # blocks every step: bounded steps in flight on CPU
     return losses, jax.device_get(nnx.to_pure_dict(run.state.params)), run
+
+
+def assert_decoder_settings_agree(family: str, field: str, values: tuple[str, str], n_layers: int = 1, d_model=16):
+    """A one-device fp32 decoder of `family` gives the same loss (relative 1e-6) and gradients (relative
+    1e-5) with ModelConfig.`field` set to each of `values` (two implementations of one function; their
+    sums run in different orders)."""
+    batch = jax.random.randint(jax.random.key(3), (4, 17), 0, 256)
+    results = []
+    for value in values:
+        cfg = ModelConfig(
+            family=family, n_layers=n_layers, d_model=d_model, n_heads=2, n_kv_heads=2, d_ff=32, max_seq_len=16,
+            tie_embeddings=family == "gpt2", **{field: value},
+        )  # fmt: skip
+        graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+        results.append(jax.jit(jax.value_and_grad(lambda p, g=graphdef: loss_fn(g, p, batch, None)))(params))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads_b), jax.tree.leaves(grads_a), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
