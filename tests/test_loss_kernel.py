@@ -75,7 +75,7 @@ def test_the_kernel_runs_on_each_devices_rows(degrees):
 
 def test_auto_takes_the_kernel_on_gpus_unless_the_vocabulary_is_split(monkeypatch):
     assert xent.resolve("auto") == "xla"  # these CPUs
-    monkeypatch.setattr(xent, "_platform", lambda sharding: "gpu")
+    monkeypatch.setattr(xent, "sharding_platform", lambda sharding: "gpu")
     mesh = make_mesh({"data": 2, "pipeline": 1, "fsdp": 2, "tensor": 2})
     split = named(("act_batch", "act_seq", "act_vocab"), (8, 4, 64), mesh)
     whole = named(("act_batch", "act_seq", None), (8, 4, 64), mesh)
@@ -96,7 +96,7 @@ def test_decoder_loss_and_gradients_equal_for_both_kernels(family):
 def test_the_chunked_loss_keeps_xla_under_auto(monkeypatch):
     """With train.loss_chunk the forward pass is recomputed under checkpoint: 'auto' takes XLA's
     implementation there (its forward skips the gradient), the kernel elsewhere."""
-    monkeypatch.setattr(xent, "_platform", lambda sharding: "gpu")  # trace as on GPUs: no lowering happens
+    monkeypatch.setattr(xent, "sharding_platform", lambda sharding: "gpu")  # trace as on GPUs: no lowering happens
     cfg = ModelConfig(n_layers=1, d_model=16, n_heads=2, n_kv_heads=2, d_ff=32, max_seq_len=16)
     graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     batch = jnp.zeros((2, 17), jnp.int32)

@@ -43,11 +43,11 @@ def case(shape, layer: bool, with_y: bool, with_b: bool, dtype=jnp.float32, seed
     return (x, y, b, scale, bias), (ws, wh)
 
 
-def value_and_grads(impl, inputs, weights, sharding=None):
+def value_and_grads(impl, inputs, weights, mesh=None):
     ws, wh = weights
 
     def loss(x, y, b, scale, bias):
-        s, h = norms.add_norm(x, y, scale, bias, 1e-5, y_bias=b, impl=impl, sharding=sharding)
+        s, h = norms.add_norm(x, y, scale, bias, 1e-5, y_bias=b, impl=impl, mesh=mesh)
         return (s.astype(jnp.float32) * ws).sum() + (h.astype(jnp.float32) * wh).sum(), (s, h)
 
     (value, (s, h)), grads = jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True))(*inputs)
@@ -95,14 +95,14 @@ def test_kernels_run_on_each_devices_rows(degrees):
     sharding = named(("act_batch", "act_seq", "act_embed"), inputs[0].shape, mesh)
     assert sharding.spec[0] is not None
     inputs = (jax.device_put(inputs[0], sharding), jax.device_put(inputs[1], sharding), *inputs[2:])
-    got = value_and_grads("pallas", inputs, weights, sharding)
+    got = value_and_grads("pallas", inputs, weights, mesh)
     assert got[1].sharding.is_equivalent_to(sharding, 3)
-    assert_close(got, value_and_grads("xla", inputs, weights, sharding), 1e-5)
+    assert_close(got, value_and_grads("xla", inputs, weights, mesh), 1e-5)
 
 
 def test_auto_takes_the_kernels_for_layernorm_on_gpus(monkeypatch):
     assert norms.resolve("auto", 768) == "xla"  # these CPUs
-    monkeypatch.setattr(norms, "_platform", lambda sharding: "gpu")
+    monkeypatch.setattr(norms, "sharding_platform", lambda sharding: "gpu")
     assert norms.resolve("auto", 768) == "pallas"
     assert norms.resolve("auto", 2048, rms=True) == "xla"  # RMSNorm: XLA measured as fast, with less memory
     assert norms.resolve("auto", 16384) == "xla"

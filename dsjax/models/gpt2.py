@@ -9,7 +9,7 @@ from jax.ad_checkpoint import checkpoint_name
 from dsjax.config import ModelConfig
 from dsjax.models.layers import ParamSpec, cast, causal_attention
 from dsjax.models.norms import add_norm
-from dsjax.sharding import constrain, named
+from dsjax.sharding import constrain
 
 LEARNED_POSITIONS = True
 
@@ -44,8 +44,7 @@ def norm_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
 
 
 def final_norm(x: jax.Array, p: dict[str, jax.Array], cfg: ModelConfig, mesh=None) -> jax.Array:
-    sharding = None if mesh is None else named(("act_batch", "act_seq", "act_embed"), x.shape, mesh)
-    return add_norm(x, None, p["scale"], p["bias"], cfg.norm_eps, impl=cfg.norm_kernel, sharding=sharding)[1]
+    return add_norm(x, None, p["scale"], p["bias"], cfg.norm_eps, impl=cfg.norm_kernel, mesh=mesh)[1]
 
 
 @jax.custom_vjp
@@ -81,7 +80,7 @@ def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: Mode
     p = cast(p, x.dtype, keep=("ln1_scale", "ln1_bias", "ln2_scale", "ln2_bias"))
     act = ("act_batch", "act_seq", "act_embed")
     heads = ("act_batch", "act_seq", "act_heads", None)
-    norm = dict(eps=cfg.norm_eps, impl=cfg.norm_kernel, sharding=None if mesh is None else named(act, x.shape, mesh))
+    norm = dict(eps=cfg.norm_eps, impl=cfg.norm_kernel, mesh=mesh)
     _, h = add_norm(x, None, p["ln1_scale"], p["ln1_bias"], **norm)
     q = checkpoint_name(constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wq"]) + p["bq"], heads, mesh), "query_proj")
     k = checkpoint_name(constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wk"]) + p["bk"], heads, mesh), "key_proj")

@@ -63,6 +63,17 @@ class Group(nnx.Module):
         return {name: getattr(self, name).get_value() for name in self.names}
 
 
+def sharding_platform(sharding: jax.sharding.NamedSharding | None) -> str:
+    """The platform of the devices an array with `sharding` lives on (the default backend without one)."""
+    return next(iter(sharding.mesh.devices.flat)).platform if sharding is not None else jax.default_backend()
+
+
+def splits_last_axis(sharding: jax.sharding.NamedSharding | None) -> bool:
+    """Whether a (B, T, X) activation with `sharding` has its last axis split over devices (the vocabulary
+    of the logits, the features of the residual stream): kernels that need whole rows cannot take it."""
+    return sharding is not None and len(sharding.spec) >= 3 and sharding.spec[2] is not None
+
+
 def cast(params: dict[str, jax.Array], dtype, keep: tuple[str, ...] = ()) -> dict[str, jax.Array]:
     """A layer's parameters in the compute dtype, except those named in `keep` (norm parameters, which
     the norms use in fp32: rounding them to bf16 first would throw the master precision away)."""

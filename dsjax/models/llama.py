@@ -9,7 +9,7 @@ from jax.ad_checkpoint import checkpoint_name
 from dsjax.config import ModelConfig
 from dsjax.models.layers import ParamSpec, cast, causal_attention, rope
 from dsjax.models.norms import add_norm
-from dsjax.sharding import constrain, named
+from dsjax.sharding import constrain
 
 LEARNED_POSITIONS = False
 
@@ -30,8 +30,7 @@ def block_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
 
 
 def final_norm(x: jax.Array, p: dict[str, jax.Array], cfg: ModelConfig, mesh=None) -> jax.Array:
-    sharding = None if mesh is None else named(("act_batch", "act_seq", "act_embed"), x.shape, mesh)
-    return add_norm(x, None, p["scale"], None, cfg.norm_eps, impl=cfg.norm_kernel, sharding=sharding)[1]
+    return add_norm(x, None, p["scale"], None, cfg.norm_eps, impl=cfg.norm_kernel, mesh=mesh)[1]
 
 
 def norm_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
@@ -43,7 +42,7 @@ def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: Mode
     p = cast(p, x.dtype, keep=("attn_norm", "mlp_norm"))
     act = ("act_batch", "act_seq", "act_embed")
     heads, kv_heads = ("act_batch", "act_seq", "act_heads", None), ("act_batch", "act_seq", "act_kv_heads", None)
-    norm = dict(eps=cfg.norm_eps, impl=cfg.norm_kernel, sharding=None if mesh is None else named(act, x.shape, mesh))
+    norm = dict(eps=cfg.norm_eps, impl=cfg.norm_kernel, mesh=mesh)
     _, h = add_norm(x, None, p["attn_norm"], None, **norm)
     q = checkpoint_name(constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wq"]), heads, mesh), "query_proj")
     k = checkpoint_name(constrain(jnp.einsum("BTD,DKH->BTKH", h, p["wk"]), kv_heads, mesh), "key_proj")

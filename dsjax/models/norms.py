@@ -30,6 +30,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import NORM_KERNELS, ConfigError
+from dsjax.models.layers import sharding_platform, splits_last_axis
+from dsjax.sharding import named
 
 # Rows are held whole in registers: a row block is ROW_ELEMENTS elements (rows x the width padded to a
 # power of two; one row where the width is larger), so widths up to MAX_PALLAS_WIDTH fit one program.
@@ -357,23 +359,15 @@ def _mapper(sharding: NamedSharding):
 # ----------------------------------------------------------------------------------------------- public
 
 
-def _platform(sharding: NamedSharding | None) -> str:
-    return next(iter(sharding.mesh.devices.flat)).platform if sharding is not None else jax.default_backend()
-
-
-def _width_split(sharding: NamedSharding | None) -> bool:
-    return sharding is not None and len(sharding.spec) >= 3 and sharding.spec[2] is not None
-
-
 def resolve(impl: str, width: int, sharding: NamedSharding | None = None, rms: bool = False) -> str:
     """'auto' -> 'pallas' for LayerNorm on GPUs (widths up to MAX_PALLAS_WIDTH, whole rows on each device),
     'xla' elsewhere and for RMSNorm: on llama-1b the kernels were no faster than XLA's fusions and the step
     took 2.1 GiB more (experiments/RESULTS.md). An explicit 'pallas' that cannot run is a ConfigError."""
     if impl not in NORM_KERNELS:
         raise ConfigError(f"model.norm_kernel must be one of {NORM_KERNELS}, got {impl!r}.")
-    fits = width <= MAX_PALLAS_WIDTH and not _width_split(sharding)
+    fits = width <= MAX_PALLAS_WIDTH and not splits_last_axis(sharding)
     if impl == "auto":
-        return "pallas" if _platform(sharding) == "gpu" and fits and not rms else "xla"
+        return "pallas" if sharding_platform(sharding) == "gpu" and fits and not rms else "xla"
     if impl == "pallas" and not fits:
         raise ConfigError(
             f"model.norm_kernel='pallas' holds whole rows of the activations in registers: it needs "
@@ -392,21 +386,22 @@ def add_norm(
     *,
     y_bias: jax.Array | None = None,
     impl: str = "xla",
-    sharding: NamedSharding | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(s, norm(s)) with s = x + (y + y_bias) in x.dtype: LayerNorm with `bias`, RMSNorm with bias None.
 
     x, y: (B, T, D) activations (y None: s = x, a plain norm); scale, bias: (D,) (fp32 master values,
-    used in fp32); y_bias: (D,), the bias of the projection that made y. `sharding` is the activations'
-    sharding (None on one device); `impl` is model.norm_kernel ('pallas' runs Pallas's interpreter on CPUs:
-    for tests).
+    used in fp32); y_bias: (D,), the bias of the projection that made y. `mesh` lays the activations out
+    as ("act_batch", "act_seq", "act_embed") (None on one device); `impl` is model.norm_kernel ('pallas'
+    runs Pallas's interpreter on CPUs: for tests).
     """
     if y_bias is not None and y is None:
         raise ValueError("add_norm: y_bias needs y")
     if y is not None and y.dtype != x.dtype:  # the kernels write s and the gradients in x's dtype
         raise ValueError(f"add_norm: y ({y.dtype}) must have x's dtype ({x.dtype})")
+    sharding = None if mesh is None else named(("act_batch", "act_seq", "act_embed"), x.shape, mesh)
     if resolve(impl, x.shape[-1], sharding, rms=bias is None) == "xla":
         return _xla(x, y, y_bias, scale, bias, eps)
     mapped = None if sharding is None or sharding.mesh.size == 1 else _mapper(sharding)
-    out = _fused(x, y, y_bias, scale, bias, eps, mapped, _platform(sharding) != "gpu")
+    out = _fused(x, y, y_bias, scale, bias, eps, mapped, sharding_platform(sharding) != "gpu")
     return (x, out) if y is None else out

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import LOSS_KERNELS, ConfigError
+from dsjax.models.layers import sharding_platform, splits_last_axis
 
 # logits of a row read per loop iteration (a power of two, as Triton needs) and warps per row: the fastest
 # of 1024-8192 and 4-16 warps on an H200 (experiments/bench_loss_kernel.py, experiments/RESULTS.md)
@@ -134,22 +135,14 @@ def _pallas(logits: jax.Array, labels: jax.Array, grad_dtype, interpret: bool = 
     return loss.reshape(lead), grad.reshape(logits.shape)
 
 
-def _platform(sharding: NamedSharding | None) -> str:
-    return next(iter(sharding.mesh.devices.flat)).platform if sharding is not None else jax.default_backend()
-
-
-def _vocab_split(sharding: NamedSharding | None) -> bool:
-    return sharding is not None and len(sharding.spec) >= 3 and sharding.spec[2] is not None
-
-
 def resolve(impl: str, sharding: NamedSharding | None = None) -> str:
     """'auto' -> 'pallas' on GPUs when the logits' vocabulary axis is not split over devices, else 'xla'.
     An explicit 'pallas' with a split vocabulary is a ConfigError (the kernel needs whole rows)."""
     if impl not in LOSS_KERNELS:
         raise ConfigError(f"model.loss_kernel must be one of {LOSS_KERNELS}, got {impl!r}.")
     if impl == "auto":
-        return "pallas" if _platform(sharding) == "gpu" and not _vocab_split(sharding) else "xla"
-    if impl == "pallas" and _vocab_split(sharding):
+        return "pallas" if sharding_platform(sharding) == "gpu" and not splits_last_axis(sharding) else "xla"
+    if impl == "pallas" and splits_last_axis(sharding):
         raise ConfigError(
             f"model.loss_kernel='pallas' needs whole vocabulary rows on each device, but the logits are split "
             f"as {tuple(sharding.spec)} (tensor parallelism splits the vocabulary); use model.loss_kernel=auto."
@@ -166,7 +159,7 @@ def loss_and_unit_grad(
     under `jax.shard_map`; on CPUs it runs in Pallas's interpreter (slow: for tests)."""
     if resolve(impl, sharding) == "xla":
         return _xla(logits, labels, grad_dtype)
-    run = functools.partial(_pallas, grad_dtype=grad_dtype, interpret=_platform(sharding) != "gpu")
+    run = functools.partial(_pallas, grad_dtype=grad_dtype, interpret=sharding_platform(sharding) != "gpu")
     if sharding is None or sharding.mesh.size == 1:
         return run(logits, labels)
     # On a mesh, always under shard_map, also with replicated logits: under a vmap over the pipeline stages
