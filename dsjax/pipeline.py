@@ -336,6 +336,19 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
     weights = stage_weights(model.blocks.arrays(), model.block_logical(), P, 1, mesh)
     weights = {name: w[:, 0] for name, w in weights.items()}  # one chunk per stage: (P, c, ...)
     blocks, rest = nnx.split_state(params, nnx.PathContains("blocks"), ...)  # the stages' weights; all the others
+    # What the ticks compute with, made once before the loop rather than at every tick (XLA keeps both in
+    # the loop): the weights in the compute dtype, one array per layer when the layers are unrolled (slices
+    # of a stacked array would be copied at every tick), and the LM head matrix in the compute dtype. Their
+    # gradients are the same values as those of the fp32 weights through the cast.
+    layer_weights = model.compute_weights(weights)
+    c = next(iter(weights.values())).shape[1]
+    if not model.cfg.scan_layers:
+        layer_weights = [{name: w[:, i] for name, w in layer_weights.items()} for i in range(c)]
+    dtype = jnp.dtype(compute_dtype(model.policy.compute))
+    head_key = f"['{model.head_name()}']"
+    tail_rest = jax.tree_util.tree_map_with_path(
+        lambda path, a: a.astype(dtype) if jax.tree_util.keystr(path).startswith(head_key) else a, rest
+    )
     tokens = microbatches(batch, M, mesh)  # (M, mb, T + 1)
     stage = model.stage_fn(T, mesh)
     cotangent = (seed / (rows * T)).astype(jnp.float32)  # d(seed * mean loss) / d(sum of token losses)
@@ -376,11 +389,15 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
     def add(acc, grads):
         return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
 
+    def stacked(grads):  # layer_weights' gradients as {name: (P, c, ...)}
+        if not isinstance(grads, list):
+            return grads
+        return {name: jnp.stack([g[name] for g in grads], axis=1) for name in grads[0]}
+
     D = model.cfg.d_model
-    dtype = jnp.dtype(compute_dtype(model.policy.compute))
     micro = tokens.shape[1]
     x_spec = jax.ShapeDtypeStruct((micro, T, D), dtype)
-    w_spec = {name: jax.ShapeDtypeStruct(w.shape[1:], w.dtype) for name, w in weights.items()}
+    w_spec = jax.tree.map(lambda w: jax.ShapeDtypeStruct(w.shape[1:], w.dtype), layer_weights)
     kept_flags, residual_specs = _stage_residuals(stage, w_spec, x_spec)
 
     kept_specs = [r for r, kept in zip(residual_specs, kept_flags, strict=True) if kept]
@@ -441,7 +458,7 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
             first = embed(tokens[jnp.minimum(t, M - 1)][:, :-1])
             inputs = jnp.where((slot == 0)[:, None, None, None], first[None], jnp.roll(sent, 1, axis=0))
             inputs = constrain(inputs, STAGE_ACT, mesh)
-            outputs, kept = forward(weights, inputs)
+            outputs, kept = forward(layer_weights, inputs)
             outputs = constrain(outputs, STAGE_ACT, mesh)
             rings = [ring_constrain(write(ring, t, r)) for ring, r in zip(rings, kept, strict=True)]
             # the last stage's microbatch through the final norm, LM head and loss, forward and backward, its
@@ -449,7 +466,7 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
             item = t - (P - 1)
             done = (item >= 0) & (item < M)
             labels = tokens[jnp.clip(item, 0, M - 1)][:, 1:]
-            losses, tail_grads, y_grads = tails(rest, pieces(outputs[P - 1]), pieces(labels), done)
+            losses, tail_grads, y_grads = tails(tail_rest, pieces(outputs[P - 1]), pieces(labels), done)
             total = total + losses.sum()
             rest_grads = add(rest_grads, tail_grads)
             tail_grad = whole(y_grads)
@@ -461,8 +478,8 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
             incoming = jnp.where((slot == P - 1)[:, None, None, None], last_grad[None], jnp.roll(returned, -1, axis=0))
             incoming = constrain(incoming, STAGE_ACT, mesh)
             written = (item_b + slot) % K  # the slot stage s wrote at microbatch t - 2P + 1 + s's forward tick
-            weight_grads, returned = backward(weights, [read(ring, written) for ring in rings], incoming)
-            block_grads = add(block_grads, jax.tree.map(per_stage(valid), weight_grads))
+            weight_grads, returned = backward(layer_weights, [read(ring, written) for ring in rings], incoming)
+            block_grads = add(block_grads, jax.tree.map(per_stage(valid), stacked(weight_grads)))
             returned = constrain(per_stage(valid)(returned), STAGE_ACT, mesh)
             # stage 0's input gradient, kept for the embedding's backward pass after the loop, its positions
             # split over the stages. Before microbatch 0's it is not valid; microbatch 0's overwrites it.

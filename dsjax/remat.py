@@ -66,7 +66,8 @@ def check_platform(policy: str, platform: str) -> None:
 def scan_layers(
     block: Callable, x: jax.Array, stacked: dict, policy: str = "none", every: int = 1, unroll: bool = False
 ) -> jax.Array:
-    """Apply `block(layer_params, x) -> x` for each layer of `stacked` ({name: (L, ...)}), scanned.
+    """Apply `block(layer_params, x) -> x` for each layer of `stacked` ({name: (L, ...)}), scanned; or, for
+    a list of per-layer parameter dicts, in a Python loop (unrolled, as `unroll=True`).
 
     With a policy other than `none`, layers run in groups of `every`, each group under `jax.checkpoint`:
     the backward pass keeps the group's input plus whatever the policy saves and recomputes the rest.
@@ -77,6 +78,8 @@ def scan_layers(
     def one(x, layer):
         return block(layer, x), None
 
+    if isinstance(stacked, list):  # separate arrays per layer: no layer slices of a stacked array to take
+        return _layer_list(block, x, stacked, policy, every)
     if policy == "none":
         return jax.lax.scan(one, x, stacked, unroll=unroll)[0]
     n_layers = next(iter(stacked.values())).shape[0]
@@ -88,3 +91,21 @@ def scan_layers(
     # prevent_cse=False: inside scan, XLA cannot merge the recomputation into the forward pass anyway.
     group = jax.checkpoint(group, policy=REMAT_POLICIES[policy], prevent_cse=False)
     return jax.lax.scan(lambda x, layers: (group(x, layers), None), x, grouped, unroll=unroll)[0]
+
+
+def _layer_list(block: Callable, x: jax.Array, layers: list[dict], policy: str, every: int) -> jax.Array:
+    """scan_layers over a list of per-layer parameter dicts: the same groups of `every` layers under
+    `jax.checkpoint` with the same policy, the same arithmetic as the unrolled scan."""
+
+    def group(x, layers):
+        for layer in layers:
+            x = block(layer, x)
+        return x
+
+    if policy != "none":
+        group = jax.checkpoint(group, policy=REMAT_POLICIES[policy], prevent_cse=False)
+    if len(layers) % every:
+        raise ValueError(f"scan_layers: {len(layers)} layers do not split into groups of {every}")
+    for start in range(0, len(layers), every):
+        x = group(x, layers[start : start + every])
+    return x

@@ -3,7 +3,8 @@
 Usage: python experiments/profile_summary.py TRACE_DIR [--steps=N] [--top=K]
 
 Reads the Perfetto trace (`perfetto_trace.json.gz`, written by `jax.profiler.trace(...,
-create_perfetto_trace=True)`) found under TRACE_DIR, keeps the events on the first GPU's streams and
+create_perfetto_trace=True)`) found under TRACE_DIR, keeps the events on one GPU's streams (--gpu, the
+first by default; in a pipeline GPU k runs stage k) and
 prints, per step (total / N): the busy time of the streams, the time the device sat idle between the
 first and the last kernel, the time per kernel category, and the top-K kernels by total time.
 """
@@ -43,20 +44,20 @@ def find_trace(root: Path) -> Path:
     return traces[-1]
 
 
-def device_events(trace: dict) -> list[dict]:
-    """Complete ('X') events on the streams of the first GPU (pid named '/device:GPU:0...')."""
+def device_events(trace: dict, gpu_index: int = 0) -> list[dict]:
+    """Complete ('X') events on the streams of one GPU (pid named '/device:GPU:<gpu_index>...')."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = [pid for pid, name in names.items() if re.search(r"/device:GPU:0\b", name)]
+    gpu = [pid for pid, name in names.items() if re.search(rf"/device:GPU:{gpu_index}\b", name)]
     if not gpu:
-        sys.exit(f"no '/device:GPU:0' process in the trace; processes: {sorted(set(names.values()))}")
+        sys.exit(f"no '/device:GPU:{gpu_index}' process in the trace; processes: {sorted(set(names.values()))}")
     return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and e.get("dur", 0) > 0]
 
 
-def summarise(trace_dir: str | Path, steps: int, top: int = 25) -> dict:
+def summarise(trace_dir: str | Path, steps: int, top: int = 25, gpu_index: int = 0) -> dict:
     path = find_trace(Path(trace_dir))
     with gzip.open(path, "rt") as f:
-        events = device_events(json.load(f))
+        events = device_events(json.load(f), gpu_index)
     # Stream-level events (e.g. an XLA module span) enclose kernels; keep the innermost kernel events by
     # dropping any event that contains another on the same thread.
     by_thread = collections.defaultdict(list)
@@ -89,6 +90,7 @@ def summarise(trace_dir: str | Path, steps: int, top: int = 25) -> dict:
     ms = 1e-3 / steps  # trace times are microseconds
     return {
         "trace": str(path),
+        "gpu": gpu_index,
         "steps": steps,
         "span_ms_per_step": round((end - start) * ms, 2),
         "busy_ms_per_step": round(busy * ms, 2),
@@ -107,8 +109,9 @@ def main() -> None:
     parser.add_argument("trace_dir")
     parser.add_argument("--steps", type=int, default=1, help="train steps inside the trace (times are divided by it)")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--gpu", type=int, default=0, help="which GPU's streams to read (GPU k runs pipeline stage k)")
     args = parser.parse_args()
-    print(json.dumps(summarise(args.trace_dir, args.steps, args.top), indent=1))
+    print(json.dumps(summarise(args.trace_dir, args.steps, args.top, args.gpu), indent=1))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ from flax import nnx
 from dsjax.config import ConfigError, ModelConfig, preset
 from dsjax.metrics import flops_per_token, peak_flops
 from dsjax.models import Decoder, param_counts
+from dsjax.models.decoder import FAMILIES
 from dsjax.models.gpt2 import bias_gelu
 from dsjax.models.layers import attention_impl
+from dsjax.precision import POLICIES
 
 SMALL = {
     "llama": ModelConfig(family="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16),
@@ -98,3 +100,26 @@ def test_bias_gelu_differentiates_as_the_composition(dtype):
         assert a.dtype == c.dtype
         rtol = 1e-6 if dtype == jnp.float32 else 2**-8
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(c, np.float32), rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", list(SMALL))
+def test_compute_weights_casts_what_the_block_casts(family):
+    """`Decoder.compute_weights` (1F1B casts its stages' weights once, before its loop) leaves the block's
+    output and the fp32 weights' gradients unchanged, bit for bit, under bf16 compute: it casts exactly the
+    parameters the block would cast and keeps the norms in fp32."""
+    model = Decoder(SMALL[family], rngs=nnx.Rngs(0), policy=POLICIES["bf16"])
+    stage = model.stage_fn(8)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 32), jnp.bfloat16)
+    weights = model.blocks.arrays()
+    kept = {name for name, w in model.compute_weights(weights).items() if w.dtype == jnp.float32}
+    assert kept == set(FAMILIES[family].KEEP)
+
+    def loss(cast_first):
+        def f(w, x):
+            return stage(model.compute_weights(w) if cast_first else w, x).astype(jnp.float32).sum()
+
+        return jax.jit(jax.value_and_grad(f))(weights, x)
+
+    for a, b in zip(jax.tree.leaves(loss(True)), jax.tree.leaves(loss(False)), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

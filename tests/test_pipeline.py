@@ -157,9 +157,10 @@ def test_1f1b_with_stage_recompute_matches_single_device():
 def test_1f1b_with_the_norm_kernels_matches_single_device():
     """The Pallas norm kernels (interpreted here) inside the stages: under shard_map per device, their
     residuals split into the 1F1B rings and rebuilt for the backward pass. (GPipe and circular
-    differentiate the stages with autodiff, as without a pipeline.)"""
+    differentiate the stages with autodiff, as without a pipeline.) The layers unrolled, as the GPU
+    presets run them: the loop then takes one weight array per layer."""
     ref_losses, ref_grads, points, _ = reference("gpt2")
-    model = dataclasses.replace(MODELS["gpt2"], norm_kernel="pallas")
+    model = dataclasses.replace(MODELS["gpt2"], norm_kernel="pallas", scan_layers=False)
     cfg = config(model, MeshConfig(pipeline=2, fsdp=2, tensor=2), "1f1b", 2)
     losses, grads, _, _ = sgd_run(cfg, jax.devices()[:8], points)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
@@ -195,13 +196,15 @@ def adamw_run(cfg, devices):
 @pytest.mark.parametrize("schedule", ["circular", "1f1b"])
 def test_the_pipelined_train_step_with_remat_and_gradient_accumulation_matches_single_device(schedule):
     """The real train step (AdamW, clipping, loss scale counters) through the pipeline with remat and
-    grad_accum, against the single-device train step: losses and parameters after 3 steps."""
+    grad_accum, against the single-device train step: losses and parameters after 3 steps. 1F1B with its
+    layers unrolled (one weight array per layer in its loop, remat groups of two of them)."""
 
     if "adamw" not in _reference:
         _reference["adamw"] = adamw_run(config(MODELS["llama"], MeshConfig(fsdp=1)), jax.devices()[:1])
     ref_losses, ref_params = _reference["adamw"]
     repeats = 2 if schedule == "circular" else 1
-    cfg = config(MODELS["llama"], MeshConfig(pipeline=2, fsdp=4), schedule, 2, repeats, policy="full", every=2)
+    model = dataclasses.replace(MODELS["llama"], scan_layers=schedule != "1f1b")
+    cfg = config(model, MeshConfig(pipeline=2, fsdp=4), schedule, 2, repeats, policy="full", every=2)
     cfg = cfg.replace(train=TrainConfig(steps=STEPS, batch_size=16, seq_len=32, lr=1e-2, warmup_steps=2, grad_accum=2))
     losses, params = adamw_run(cfg, jax.devices())
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)

@@ -1,7 +1,8 @@
 """The decoder-only language model shared by all families: embeddings, scanned blocks, final norm, LM head.
 
-A family module (llama.py, gpt2.py) supplies `block_params`, `block`, `norm_params`, `final_norm` and
-`LEARNED_POSITIONS`; everything else is common.
+A family module (llama.py, gpt2.py) supplies `block_params`, `block`, `norm_params`, `final_norm`,
+`LEARNED_POSITIONS` and `KEEP` (the block parameters its block does not cast to the compute dtype);
+everything else is common.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from flax import nnx
 from dsjax import pipeline
 from dsjax.config import ModelConfig, PipelineConfig
 from dsjax.models import gpt2, llama, xent
-from dsjax.models.layers import Group, ParamSpec, attention_impl, make_param
+from dsjax.models.layers import Group, ParamSpec, attention_impl, cast, make_param
 from dsjax.precision import POLICIES, Policy, compute_dtype
 from dsjax.remat import scan_layers
 from dsjax.sharding import constrain, logical_axes, named
@@ -103,6 +104,16 @@ class Decoder(nnx.Module):
             return scan_layers(block, x, layers, self.remat_policy, self.remat_every, unroll=not cfg.scan_layers)
 
         return stage
+
+    def compute_weights(self, stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Block weights ({name: (..., )}) as the blocks use them: in the compute dtype, except the
+        parameters the family keeps in their own (the norms). Casting once, before a loop that runs the
+        blocks many times (1F1B's ticks), keeps the loop from casting them at every iteration."""
+        return cast(stacked, compute_dtype(self.policy.compute), keep=FAMILIES[self.cfg.family].KEEP)
+
+    def head_name(self) -> str:
+        """The parameter that `head` returns: the embedding table when tied, else the LM head."""
+        return "embed" if self.cfg.tie_embeddings else "lm_head"
 
     def final_norm_fn(self, x: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
         return FAMILIES[self.cfg.family].final_norm(x, self.final_norm.arrays(), self.cfg, mesh)

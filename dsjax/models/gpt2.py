@@ -12,6 +12,7 @@ from dsjax.models.norms import add_norm
 from dsjax.sharding import constrain
 
 LEARNED_POSITIONS = True
+KEEP = ("ln1_scale", "ln1_bias", "ln2_scale", "ln2_bias")  # block parameters the block does not cast
 
 
 def block_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
@@ -77,7 +78,7 @@ bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
 def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: ModelConfig, mesh) -> jax.Array:
     """One decoder block in x's dtype. p: this layer's parameters, x (B, T, D), positions (unused) -> (B, T, D)."""
     del positions  # GPT-2 adds learned positions once, at the embedding
-    p = cast(p, x.dtype, keep=("ln1_scale", "ln1_bias", "ln2_scale", "ln2_bias"))
+    p = cast(p, x.dtype, keep=KEEP)
     act = ("act_batch", "act_seq", "act_embed")
     heads = ("act_batch", "act_seq", "act_heads", None)
     norm = dict(eps=cfg.norm_eps, impl=cfg.norm_kernel, mesh=mesh)

@@ -12,6 +12,7 @@ from dsjax.models.norms import add_norm
 from dsjax.sharding import constrain
 
 LEARNED_POSITIONS = False
+KEEP = ("attn_norm", "mlp_norm")  # block parameters used in their own dtype (fp32 norms), not the compute dtype
 
 
 def block_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
@@ -39,7 +40,7 @@ def norm_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
 
 def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: ModelConfig, mesh) -> jax.Array:
     """One decoder block in x's dtype. p: this layer's parameters, x (B, T, D), positions (T,) -> (B, T, D)."""
-    p = cast(p, x.dtype, keep=("attn_norm", "mlp_norm"))
+    p = cast(p, x.dtype, keep=KEEP)
     act = ("act_batch", "act_seq", "act_embed")
     heads, kv_heads = ("act_batch", "act_seq", "act_heads", None), ("act_batch", "act_seq", "act_kv_heads", None)
     norm = dict(eps=cfg.norm_eps, impl=cfg.norm_kernel, mesh=mesh)
