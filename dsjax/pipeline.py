@@ -50,7 +50,7 @@ from dsjax.precision import compute_dtype
 from dsjax.sharding import constrain
 
 STAGE_ACT = ("stage", "act_batch", "act_seq", "act_embed")
-FIRST_GRADS = ("stage", None, "act_batch", "act_seq", "act_embed")  # 1F1B: (P, M, mb, T / P, D)
+FIRST_GRADS = ("stage", None, "act_batch", "act_seq", "act_embed")  # 1F1B: (P, M, mb, T, D)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,12 +311,12 @@ def value_and_grad_1f1b(
     again inside the backward pass: the least memory, for one more forward pass per tick (also in the
     backward-only ticks, which `Plan.bubble` does not count).
 
-    The work outside the stages is shared by all stages rather than repeated on each: every tick, stage k
-    runs the final norm, LM head and loss (forward and backward) of positions k T/P, ..., (k + 1) T/P - 1
-    of the last stage's microbatch, and keeps the same positions of stage 0's input gradient; after the
-    loop it runs the embedding's backward pass over its positions of every microbatch at once. Each stage
-    accumulates its share of those parameters' gradients separately; the shares are summed once, at the
-    end.
+    The LM head's work is shared by all stages rather than repeated on each: every tick, stage k runs the
+    final norm, LM head and loss (forward and backward) of positions k T/P, ..., (k + 1) T/P - 1 of the
+    last stage's microbatch. Each stage accumulates its share of those parameters' gradients separately;
+    the shares are summed once, after the last forward pass. Stage 0 keeps its input gradients (the
+    embeddings'); after the loop they go to every stage, which runs the embedding's backward pass for
+    every microbatch at once.
     """
     with sharding.rules(act_batch=("data", "fsdp")):
         return _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute)
@@ -332,7 +332,7 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
     P, M = plan.stages, plan.microbatches
     K = 2 * P  # ring slots per stage: a microbatch's forward and backward pass on stage s are 2P - 1 - 2s ticks apart
     rows, T = batch.shape[0], batch.shape[1] - 1
-    S = T // P  # positions of a microbatch whose head, loss and embedding gradient each stage computes
+    S = T // P  # positions of a microbatch whose head and loss each stage computes
     weights = stage_weights(model.blocks.arrays(), model.block_logical(), P, 1, mesh)
     weights = {name: w[:, 0] for name, w in weights.items()}  # one chunk per stage: (P, c, ...)
     blocks, rest = nnx.split_state(params, nnx.PathContains("blocks"), ...)  # the stages' weights; all the others
@@ -375,10 +375,12 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
         grads, y_grad = pull(cotangent)
         return jnp.where(valid, loss, 0.0), masked(valid, grads), jnp.where(valid, y_grad, 0)
 
-    def embed_backward(rest, tok, g, offset):  # one stage's positions of every microbatch: (M, mb, S)
+    keystr = jax.tree_util.keystr
+
+    def embed_backward(rest, tok, g):  # every microbatch: tokens (M, mb, T), their input gradients (M, mb, T, D)
         def embed_all(rest):
             m = nnx.merge(graphdef, blocks, rest)
-            return jax.vmap(lambda tok: m.embed_tokens(tok, mesh, offset))(tok)
+            return jax.vmap(lambda tok: m.embed_tokens(tok, mesh))(tok)
 
         _, pull = jax.vjp(embed_all, rest)
         return pull(g)[0]
@@ -441,86 +443,90 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
     forward = jax.vmap(stage_forward, spmd_axis_name="pipeline")
     backward = jax.vmap(stage_backward, spmd_axis_name="pipeline")
     tails = jax.vmap(tail_backward, in_axes=(None, 0, 0, None), spmd_axis_name="pipeline")
-    embeds = jax.vmap(embed_backward, in_axes=(None, 0, 0, 0), spmd_axis_name="pipeline")
 
     def write(ring, t, x):  # every stage writes slot t mod K (one index for all: an in-place update)
         return jax.lax.dynamic_update_index_in_dim(ring, x[:, None], t % K, 1)
 
     read = jax.vmap(lambda ring, i: jax.lax.dynamic_index_in_dim(ring, i, 0, keepdims=False), spmd_axis_name="pipeline")
     slot = jnp.arange(P)
-    offsets = slot * S
 
     def tick(carry, t, forward_pass=True, backward_pass=True):
-        sent, returned, last_grad, rings, block_grads, rest_grads, first_grads, total = carry
-        outputs, tail_grad = sent, last_grad
+        new = dict(carry)  # the carry of the next tick; `carry` stays what this tick started from
         if forward_pass:
             # forward: stage s runs microbatch t - s; stage 0 takes it from the embedding
             first = embed(tokens[jnp.minimum(t, M - 1)][:, :-1])
-            inputs = jnp.where((slot == 0)[:, None, None, None], first[None], jnp.roll(sent, 1, axis=0))
+            inputs = jnp.where((slot == 0)[:, None, None, None], first[None], jnp.roll(carry["sent"], 1, axis=0))
             inputs = constrain(inputs, STAGE_ACT, mesh)
             outputs, kept = forward(layer_weights, inputs)
             outputs = constrain(outputs, STAGE_ACT, mesh)
-            rings = [ring_constrain(write(ring, t, r)) for ring, r in zip(rings, kept, strict=True)]
+            new["rings"] = [ring_constrain(write(ring, t, r)) for ring, r in zip(carry["rings"], kept, strict=True)]
             # the last stage's microbatch through the final norm, LM head and loss, forward and backward, its
             # positions split over the stages
             item = t - (P - 1)
             done = (item >= 0) & (item < M)
             labels = tokens[jnp.clip(item, 0, M - 1)][:, 1:]
             losses, tail_grads, y_grads = tails(tail_rest, pieces(outputs[P - 1]), pieces(labels), done)
-            total = total + losses.sum()
-            rest_grads = add(rest_grads, tail_grads)
-            tail_grad = whole(y_grads)
+            new.update(sent=outputs, last_grad=whole(y_grads), total=carry["total"] + losses.sum())
+            new["rest_grads"] = add(carry["rest_grads"], tail_grads)
         if backward_pass:
             # backward: stage s runs microbatch t - 2P + 1 + s, from its saved residuals and the gradient that
             # the stage above (or, for the last stage, the loss) produced at the previous tick
             item_b = t - 2 * P + 1 + slot
             valid = (item_b >= 0) & (item_b < M)
-            incoming = jnp.where((slot == P - 1)[:, None, None, None], last_grad[None], jnp.roll(returned, -1, axis=0))
+            incoming = jnp.roll(carry["returned"], -1, axis=0)
+            incoming = jnp.where((slot == P - 1)[:, None, None, None], carry["last_grad"][None], incoming)
             incoming = constrain(incoming, STAGE_ACT, mesh)
             written = (item_b + slot) % K  # the slot stage s wrote at microbatch t - 2P + 1 + s's forward tick
-            weight_grads, returned = backward(layer_weights, [read(ring, written) for ring in rings], incoming)
-            block_grads = add(block_grads, jax.tree.map(per_stage(valid), stacked(weight_grads)))
-            returned = constrain(per_stage(valid)(returned), STAGE_ACT, mesh)
-            # stage 0's input gradient, kept for the embedding's backward pass after the loop, its positions
-            # split over the stages. Before microbatch 0's it is not valid; microbatch 0's overwrites it.
-            item_e = t - 2 * P + 1
-            first_grads = jax.lax.dynamic_update_index_in_dim(
-                first_grads, pieces(returned[0])[:, None], jnp.maximum(item_e, 0), 1
-            )
-            first_grads = constrain(first_grads, FIRST_GRADS, mesh)
-        carry = (outputs, returned, tail_grad, rings, block_grads, rest_grads, first_grads, total)
-        return carry, None
+            # (never the slot this tick's forward pass wrote; read after that write, so that the rings are
+            # updated in place rather than kept twice)
+            kept = [read(ring, written) for ring in new["rings"]]
+            weight_grads, returned = backward(layer_weights, kept, incoming)
+            new["block_grads"] = add(carry["block_grads"], jax.tree.map(per_stage(valid), stacked(weight_grads)))
+            new["returned"] = constrain(per_stage(valid)(returned), STAGE_ACT, mesh)
+            # Every stage keeps its input gradient in its own part of a store split over the stages (no data
+            # moves); stage 0's part, the embeddings' gradients, is used after the loop. Before microbatch
+            # 0's it is not valid; microbatch 0's overwrites it.
+            index = jnp.maximum(t - 2 * P + 1, 0)
+            first_grads = jax.lax.dynamic_update_index_in_dim(carry["first_grads"], returned[:, None], index, 1)
+            new["first_grads"] = constrain(first_grads, FIRST_GRADS, mesh)
+        return new, None
 
     def stage_zeros(variable):  # a (P, ...) fp32 accumulator of one parameter's per-stage gradient shares
         zeros = jnp.zeros((P, *variable.get_value().shape), jnp.float32)
         return variable.replace(constrain(zeros, ("stage", *logical_axes(variable)), mesh))
 
     acts = constrain(jnp.zeros((P, micro, T, D), dtype), STAGE_ACT, mesh)
-    rings = [ring_constrain(jnp.zeros((P, K, *r.shape), r.dtype)) for r in kept_specs]
-    init = (
-        acts,
-        acts,
-        jnp.zeros((micro, T, D), dtype),
-        rings,
-        jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), weights),
-        jax.tree.map(stage_zeros, rest, is_leaf=lambda x: isinstance(x, nnx.Variable)),
-        constrain(jnp.zeros((P, M, micro, S, D), dtype), FIRST_GRADS, mesh),
-        jnp.zeros((), jnp.float32),
+    carry = dict(
+        sent=acts,
+        returned=acts,
+        last_grad=jnp.zeros((micro, T, D), dtype),
+        rings=[ring_constrain(jnp.zeros((P, K, *r.shape), r.dtype)) for r in kept_specs],
+        block_grads=jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), weights),
+        rest_grads=jax.tree.map(stage_zeros, rest, is_leaf=lambda x: isinstance(x, nnx.Variable)),
+        first_grads=constrain(jnp.zeros((P, M, micro, T, D), dtype), FIRST_GRADS, mesh),
+        total=jnp.zeros((), jnp.float32),
     )
     # Ticks 0, ..., P - 1 hold no valid backward pass (the first one reaches the last stage at tick P) and
     # ticks M + P - 1, ..., M + 2P - 2 no valid forward pass: those phases leave the idle half out.
-    carry, _ = jax.lax.scan(functools.partial(tick, backward_pass=False), init, jnp.arange(P))
+    carry, _ = jax.lax.scan(functools.partial(tick, backward_pass=False), carry, jnp.arange(P))
     carry, _ = jax.lax.scan(tick, carry, jnp.arange(P, M + P - 1))
+    # The LM head's and final norm's gradients are complete after the last forward pass: their per-stage
+    # shares are summed here, before the backward-only loop (which does not carry them), so that XLA can
+    # overlap that all-reduce with the loop instead of running it after.
+    rest_grads = {keystr(path): g.sum(0) for path, g in jax.tree_util.tree_leaves_with_path(carry.pop("rest_grads"))}
+    total = carry.pop("total")
     carry, _ = jax.lax.scan(functools.partial(tick, forward_pass=False), carry, jnp.arange(M + P - 1, M + 2 * P - 1))
-    _, _, _, _, block_grads, rest_grads, first_grads, total = carry
-    # the embedding's backward pass, once for all microbatches: one scatter into the table per stage
-    first_tokens = tokens[:, :, :-1].reshape(M, micro, P, S).transpose(2, 0, 1, 3)  # (P, M, mb, S)
-    first_tokens = constrain(first_tokens, FIRST_GRADS[:-1], mesh)
-    rest_grads = add(rest_grads, embeds(rest, first_tokens, first_grads, offsets))
-    rest_grads = {jax.tree_util.keystr(path): g.sum(0) for path, g in jax.tree_util.tree_leaves_with_path(rest_grads)}
+    # The embedding's backward pass, once for all microbatches: stage 0's input gradients go to every stage
+    # (D values per token, far less than the table), and each stage scatters them into its own copy of the
+    # table's gradient, which then needs no sum over the stages.
+    first_grads = constrain(carry["first_grads"][0], (None, "act_batch", "act_seq", "act_embed"), mesh)
+    embed_grads = embed_backward(rest, tokens[:, :, :-1], first_grads)
+    for path, g in jax.tree_util.tree_leaves_with_path(embed_grads):
+        rest_grads[keystr(path)] = rest_grads[keystr(path)] + g.astype(jnp.float32)
+    block_grads = carry["block_grads"]
 
     def assemble(path, p):
-        key = jax.tree_util.keystr(path)
+        key = keystr(path)
         if key in rest_grads:
             return rest_grads[key].astype(p.dtype)
         name = next(name for name in block_grads if key.startswith(f"['blocks']['{name}']"))

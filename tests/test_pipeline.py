@@ -216,7 +216,8 @@ def test_1f1b_memory_grows_with_the_stages_not_the_microbatches():
     """Compiled temporaries of the train step at a fixed microbatch (2 sequences of 64 tokens) for M = P,
     2P and 4P at P = 2 (experiments/RESULTS.md has P = 4 too): GPipe keeps the activations of all
     M + P - 1 ticks until the backward pass, 1F1B the residuals of at most 2P microbatches (here, with no
-    remat, every activation of the stage), whatever M is. At M = P, 1F1B's middle loop has one tick, which
+    remat, every activation of the stage), whatever M is (plus stage 0's input gradients, D values per
+    token). At M = P, 1F1B's middle loop has one tick, which
     XLA inlines, and its temporaries come out higher than at 2P; they do not grow after that."""
     model = ModelConfig(family="llama", n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=256)
 
