@@ -154,12 +154,44 @@ def run(
     logical: dict[str, tuple],
     plan: Plan,
     mesh: jax.sharding.Mesh,
+    cast: Callable[[dict], dict] | None = None,
+    per_layer: bool = False,
 ) -> jax.Array:
     """All layers of `stacked` ({name: (L, ...)}, with the logical axis names in `logical`) applied to
-    x (B, T, D) by the pipeline schedule; `stage(chunk, x)` runs one chunk ({name: (c, ...)}) on one
-    microbatch (mb, T, D)."""
+    x (B, T, D) by the pipeline schedule; `stage(chunk, x)` runs one chunk ({name: (c, ...)}, or with
+    `per_layer` a list of c per-layer dicts) on one microbatch (mb, T, D).
+
+    `cast` (weights -> the weights the blocks compute with, e.g. in bf16) runs once, before the loop, and
+    the ticks use its result; the gradients still reach `stacked` in its own dtype, summed over the ticks
+    in that dtype (see `_cast_once`). Otherwise XLA casts (and, with `per_layer`, slices out each layer's
+    weights) again at every tick."""
     with sharding.rules(act_batch=("data", "fsdp")):  # each stage holds whole microbatches
-        return _run(stage, x, stacked, logical, plan, mesh)
+        return _run(stage, x, stacked, logical, plan, mesh, cast, per_layer)
+
+
+@jax.custom_vjp
+def _cast_once(w: jax.Array, w_cast: jax.Array) -> jax.Array:
+    """`w_cast` (w cast once, before a loop), differentiated as `w.astype(w_cast.dtype)` would be: the
+    cotangent goes to w in w's dtype, and none to `w_cast` (pass it through `stop_gradient`). Inside a
+    scan, the loop then reuses the one cast while its transpose still sums w's gradient in w's dtype (a
+    cast made outside the loop and differentiated through would have it summed in the cast's dtype)."""
+    return w_cast
+
+
+def _cast_once_fwd(w, w_cast):
+    return w_cast, jnp.zeros((), w.dtype)
+
+
+def _cast_once_bwd(w_dtype, g):
+    return g.astype(w_dtype.dtype), None
+
+
+_cast_once.defvjp(_cast_once_fwd, _cast_once_bwd)
+
+
+def _layers(tree: dict, axis: int, n: int) -> list[dict]:
+    """{name: (..., n, ...)} with the layers on `axis` -> n dicts, one per layer."""
+    return [{name: jax.lax.index_in_dim(a, i, axis, keepdims=False) for name, a in tree.items()} for i in range(n)]
 
 
 def stage_weights(stacked: dict, logical: dict, stages: int, repeats: int, mesh) -> dict:
@@ -174,11 +206,15 @@ def stage_weights(stacked: dict, logical: dict, stages: int, repeats: int, mesh)
     return {name: regroup(name, a) for name, a in stacked.items()}
 
 
-def _run(stage, x, stacked, logical, plan, mesh):
+def _run(stage, x, stacked, logical, plan, mesh, cast, per_layer):
     from dsjax.step import merge_microbatches, microbatches
 
     P, M, R = plan.stages, plan.microbatches, plan.repeats
-    weights = stage_weights(stacked, logical, P, R, mesh)
+    weights = stage_weights(stacked, logical, P, R, mesh)  # (P, R, c, ...)
+    casts = jax.lax.stop_gradient(cast(weights)) if cast is not None else weights
+    if per_layer:
+        c = next(iter(weights.values())).shape[2]
+        weights, casts = _layers(weights, 2, c), _layers(casts, 2, c)
     xs = microbatches(x, M, mesh, ("act_batch", "act_seq", "act_embed"))  # (M, mb, T, D)
     slot = jnp.arange(P)
     run_stages = jax.vmap(stage, spmd_axis_name="pipeline")
@@ -201,6 +237,8 @@ def _run(stage, x, stacked, logical, plan, mesh):
         inputs = constrain(jnp.where((slot == 0)[:, None, None, None], first, inputs), STAGE_ACT, mesh)
         repeat = jnp.clip((t - slot) // M, 0, R - 1)  # the chunk each stage runs at this tick
         chunk = jax.vmap(lambda w, r: jax.tree.map(lambda a: a[r], w))(weights, repeat)
+        chunk_cast = jax.vmap(lambda w, r: jax.tree.map(lambda a: a[r], w))(casts, repeat)
+        chunk = jax.tree.map(lambda w, c: w if c.dtype == w.dtype else _cast_once(w, c), chunk, chunk_cast)
         outputs = constrain(run_stages(chunk, inputs), STAGE_ACT, mesh)
         return (jnp.roll(outputs, 1, axis=0), store), None
 
@@ -341,9 +379,8 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
     # of a stacked array would be copied at every tick), and the LM head matrix in the compute dtype. Their
     # gradients are the same values as those of the fp32 weights through the cast.
     layer_weights = model.compute_weights(weights)
-    c = next(iter(weights.values())).shape[1]
     if not model.cfg.scan_layers:
-        layer_weights = [{name: w[:, i] for name, w in layer_weights.items()} for i in range(c)]
+        layer_weights = _layers(layer_weights, 1, next(iter(weights.values())).shape[1])
     dtype = jnp.dtype(compute_dtype(model.policy.compute))
     head_key = f"['{model.head_name()}']"
     tail_rest = jax.tree_util.tree_map_with_path(

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 from training import models, train_steps
 
+from dsjax import pipeline
 from dsjax.config import (
     Config,
     ConfigError,
@@ -27,7 +28,10 @@ from dsjax.config import (
     RematConfig,
     TrainConfig,
 )
+from dsjax.mesh import make_mesh
+from dsjax.models import Decoder
 from dsjax.pipeline import Plan, make_plan, value_and_grad_1f1b
+from dsjax.precision import POLICIES
 from dsjax.step import loss_fn
 from dsjax.train import batch_at, build
 
@@ -295,3 +299,33 @@ def test_repeats_need_the_circular_schedule():
     with pytest.raises(ConfigError, match=r"loss_chunk \(8\) does not apply to pipeline\.schedule=1f1b"):
         cfg = config(MODELS["llama"], MeshConfig(pipeline=2, fsdp=1), "1f1b")
         build(cfg.replace(train=TrainConfig(batch_size=16, seq_len=32, loss_chunk=8)), jax.devices()[:2], abstract=True)
+
+
+@pytest.mark.parametrize(("schedule", "repeats"), [("gpipe", 1), ("circular", 2)])
+def test_the_loop_casts_the_weights_once_with_the_same_gradients(schedule, repeats):
+    """GPipe and circular hand their loop the weights cast to bf16 once (`cast`), one array per layer
+    (`per_layer`), and keep the fp32 weights' gradients summed over the ticks in fp32 (`_cast_once`):
+    output and gradients equal those of the loop that casts at every tick, to fp32 rounding of the sums."""
+    model = Decoder(MODELS["llama"], rngs=nnx.Rngs(0), policy=POLICIES["bf16"])
+    mesh = make_mesh(MeshConfig(pipeline=2, fsdp=1).degrees(), jax.devices()[:2])
+    plan = Plan(stages=2, microbatches=4, repeats=repeats, schedule=schedule)
+    stage, logical = model.stage_fn(16, mesh), model.block_logical()
+    x = jax.random.normal(jax.random.key(1), (8, 16, 32), jnp.bfloat16)
+
+    def loss(cast, per_layer):
+        def f(w, x):
+            y = pipeline.run(stage, x, w, logical, plan, mesh, cast=cast, per_layer=per_layer)
+            return (y.astype(jnp.float32) ** 2).mean()
+
+        args = (model.blocks.arrays(), x)
+        # without excess precision XLA rounds every cast as written (else it may drop a bf16 round trip)
+        compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(*args)
+        return compiled.compile({"xla_allow_excess_precision": False})(*args)
+
+    want = loss(None, False)
+    for per_layer in (False, True):
+        got = loss(model.compute_weights, per_layer)
+        names = ["loss", *sorted(logical), "x"]
+        for name, a, b in zip(names, jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert a.dtype == b.dtype, name
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6, err_msg=name)

@@ -67,7 +67,9 @@ class Decoder(nnx.Module):
         if plan is None:
             x = stage(self.blocks.arrays(), x)
         else:
-            x = pipeline.run(stage, x, self.blocks.arrays(), self.block_logical(), plan, mesh)
+            weights, logical = self.blocks.arrays(), self.block_logical()
+            cast, per_layer = self.compute_weights, not self.cfg.scan_layers
+            x = pipeline.run(stage, x, weights, logical, plan, mesh, cast=cast, per_layer=per_layer)
         return self.final_norm_fn(x, mesh)
 
     def embed_tokens(
