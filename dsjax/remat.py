@@ -29,6 +29,32 @@ def _dots_and_fused_attention(prim, *avals, **params) -> bool:
     return prim.name == FUSED_ATTENTION_FWD or cp.dots_with_no_batch_dims_saveable(prim, *avals, **params)
 
 
+def _weight_dots(batch_dims: int) -> Callable:
+    """`dots_with_no_batch_dims_saveable` for blocks run under `batch_dims` vmaps whose weights are batched
+    too (a pipeline's stages: each has its own weights). There a weight matmul gets one batch dimension
+    per vmap, and the JAX policy, which sees the batched program, would save none of them; attention's
+    score and context matmuls, which it must not save, keep their own batch dimensions on top."""
+
+    def saveable(prim, *_, **params) -> bool:
+        if prim.name != "dot_general":
+            return False
+        (_, _), (lhs_batch, rhs_batch) = params["dimension_numbers"]
+        return len(lhs_batch) <= batch_dims and len(rhs_batch) <= batch_dims
+
+    return saveable
+
+
+def policy_for(policy: str, batch_dims: int = 0) -> Callable | None:
+    """The `jax.checkpoint` policy named `policy`, for blocks run under `batch_dims` vmaps with batched
+    weights (see `_weight_dots`; only the `dots` policies look at batch dimensions)."""
+    if batch_dims and policy == "dots":
+        return _weight_dots(batch_dims)
+    if batch_dims and policy == "dots_attention":
+        dots = _weight_dots(batch_dims)
+        return lambda prim, *avals, **params: prim.name == FUSED_ATTENTION_FWD or dots(prim, *avals, **params)
+    return REMAT_POLICIES[policy]
+
+
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,  # no rematerialisation
     "full": cp.nothing_saveable,  # keep only each group's input
@@ -64,7 +90,13 @@ def check_platform(policy: str, platform: str) -> None:
 
 
 def scan_layers(
-    block: Callable, x: jax.Array, stacked: dict, policy: str = "none", every: int = 1, unroll: bool = False
+    block: Callable,
+    x: jax.Array,
+    stacked: dict,
+    policy: str = "none",
+    every: int = 1,
+    unroll: bool = False,
+    batch_dims: int = 0,
 ) -> jax.Array:
     """Apply `block(layer_params, x) -> x` for each layer of `stacked` ({name: (L, ...)}), scanned; or, for
     a list of per-layer parameter dicts, in a Python loop (unrolled, as `unroll=True`).
@@ -72,14 +104,15 @@ def scan_layers(
     With a policy other than `none`, layers run in groups of `every`, each group under `jax.checkpoint`:
     the backward pass keeps the group's input plus whatever the policy saves and recomputes the rest.
     `unroll=True` emits every layer into the program instead of a loop over one compiled body: the same
-    arithmetic, a longer compile, and XLA may schedule and fuse across layer boundaries.
+    arithmetic, a longer compile, and XLA may schedule and fuse across layer boundaries. `batch_dims`: how
+    many vmaps with batched weights the caller runs this under (`policy_for`).
     """
 
     def one(x, layer):
         return block(layer, x), None
 
     if isinstance(stacked, list):  # separate arrays per layer: no layer slices of a stacked array to take
-        return _layer_list(block, x, stacked, policy, every)
+        return _layer_list(block, x, stacked, policy, every, batch_dims)
     if policy == "none":
         return jax.lax.scan(one, x, stacked, unroll=unroll)[0]
     n_layers = next(iter(stacked.values())).shape[0]
@@ -89,11 +122,13 @@ def scan_layers(
         return jax.lax.scan(one, x, layers, unroll=unroll)[0]
 
     # prevent_cse=False: inside scan, XLA cannot merge the recomputation into the forward pass anyway.
-    group = jax.checkpoint(group, policy=REMAT_POLICIES[policy], prevent_cse=False)
+    group = jax.checkpoint(group, policy=policy_for(policy, batch_dims), prevent_cse=False)
     return jax.lax.scan(lambda x, layers: (group(x, layers), None), x, grouped, unroll=unroll)[0]
 
 
-def _layer_list(block: Callable, x: jax.Array, layers: list[dict], policy: str, every: int) -> jax.Array:
+def _layer_list(
+    block: Callable, x: jax.Array, layers: list[dict], policy: str, every: int, batch_dims: int
+) -> jax.Array:
     """scan_layers over a list of per-layer parameter dicts: the same groups of `every` layers under
     `jax.checkpoint` with the same policy, the same arithmetic as the unrolled scan."""
 
@@ -103,7 +138,7 @@ def _layer_list(block: Callable, x: jax.Array, layers: list[dict], policy: str, 
         return x
 
     if policy != "none":
-        group = jax.checkpoint(group, policy=REMAT_POLICIES[policy], prevent_cse=False)
+        group = jax.checkpoint(group, policy=policy_for(policy, batch_dims), prevent_cse=False)
     if len(layers) % every:
         raise ValueError(f"scan_layers: {len(layers)} layers do not split into groups of {every}")
     for start in range(0, len(layers), every):

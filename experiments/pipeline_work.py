@@ -20,7 +20,8 @@ for circular; what exceeds it is the loop's own overhead (recompute, the LM head
 Compilation and --warmup calls are excluded; --steps calls are timed with one block at the end. It also
 reports XLA's compiled temporaries. The call signature of value_and_grad_1f1b is the same at every
 commit since 1F1B existed, so older code can be timed by putting it first on PYTHONPATH (`pipeline.run`
-gained its `cast` and `per_layer` arguments later; they are passed where it takes them).
+gained its `cast` and `per_layer` arguments later, `Decoder.stage_fn` its `vmapped`; they are passed where
+taken).
 """
 
 from __future__ import annotations
@@ -95,10 +96,12 @@ def main() -> None:
         model = nnx.merge(run.graphdef, params)
         tokens, labels = batch[:, :-1], batch[:, 1:]
         x = model.embed_tokens(tokens, run.mesh)
-        options = {}
+        options, stage_options = {}, {}
         if "cast" in inspect.signature(pipeline.run).parameters:
             options = {"cast": model.compute_weights, "per_layer": not model.cfg.scan_layers}
-        stage = model.stage_fn(tokens.shape[1], run.mesh)
+        if "vmapped" in inspect.signature(model.stage_fn).parameters:
+            stage_options = {"vmapped": True}
+        stage = model.stage_fn(tokens.shape[1], run.mesh, **stage_options)
         x = pipeline.run(stage, x, model.blocks.arrays(), model.block_logical(), plan, run.mesh, **options)
         return model.token_losses(model.final_norm_fn(x, run.mesh), model.head(), labels, run.mesh).mean()
 

@@ -309,7 +309,7 @@ def test_the_loop_casts_the_weights_once_with_the_same_gradients(schedule, repea
     model = Decoder(MODELS["llama"], rngs=nnx.Rngs(0), policy=POLICIES["bf16"])
     mesh = make_mesh(MeshConfig(pipeline=2, fsdp=1).degrees(), jax.devices()[:2])
     plan = Plan(stages=2, microbatches=4, repeats=repeats, schedule=schedule)
-    stage, logical = model.stage_fn(16, mesh), model.block_logical()
+    stage, logical = model.stage_fn(16, mesh, vmapped=True), model.block_logical()
     x = jax.random.normal(jax.random.key(1), (8, 16, 32), jnp.bfloat16)
 
     def loss(cast, per_layer):

@@ -63,6 +63,25 @@ def test_the_gradient_program_recomputes_only_with_a_policy():
     assert "remat" in jaxpr("full")
 
 
+@pytest.mark.parametrize("policy", ["dots", "dots_attention"])
+def test_dots_policies_save_the_weight_matmuls_under_the_stage_vmap(policy):
+    """GPipe and circular differentiate `vmap(stage)` over the stages, whose weights are batched too: each
+    weight matmul then has a batch dimension, and JAX's no-batch-dims policy would recompute them all in
+    the backward pass. The stage made with `vmapped=True` recomputes as many matmuls as the plain stage
+    (the attention's two, which the policy must not save) and no more; seven more without it (q, k, v, o,
+    gate, up, down)."""
+    model = Decoder(SMALL_MODEL, rngs=nnx.Rngs(0), remat_policy=policy)
+    weights, x = model.blocks.arrays(), jnp.ones((2, 32, 32))
+    staged = (jax.tree.map(lambda a: jnp.stack([a, a]), weights), jnp.stack([x, x]))
+
+    def matmuls(f, *args):
+        return str(jax.make_jaxpr(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1)))(*args)).count("dot_general")
+
+    plain = matmuls(model.stage_fn(32), weights, x)
+    assert matmuls(jax.vmap(model.stage_fn(32, vmapped=True)), *staged) == plain
+    assert matmuls(jax.vmap(model.stage_fn(32)), *staged) == plain + 7
+
+
 def test_offload_is_a_clear_error_on_cpu():
     config = Config(model=MODEL, remat=RematConfig(policy="offload"), train=TrainConfig(seq_len=32, batch_size=8))
     with pytest.raises(ConfigError, match=r"remat\.policy='offload'.*cpu"):

@@ -62,8 +62,8 @@ class Decoder(nnx.Module):
     def features(self, tokens: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
         """tokens (B, T) -> final-norm hidden states (B, T, D) in the compute dtype."""
         x = self.embed_tokens(tokens, mesh)
-        stage = self.stage_fn(tokens.shape[1], mesh)
         plan = self.plan(mesh, x.shape[0])
+        stage = self.stage_fn(tokens.shape[1], mesh, vmapped=plan is not None)
         if plan is None:
             x = stage(self.blocks.arrays(), x)
         else:
@@ -88,9 +88,10 @@ class Decoder(nnx.Module):
             x = x + positions[None].astype(dtype)
         return constrain(x, ("act_batch", "act_seq", "act_embed"), mesh)
 
-    def stage_fn(self, seq_len: int, mesh: jax.sharding.Mesh | None = None):
+    def stage_fn(self, seq_len: int, mesh: jax.sharding.Mesh | None = None, vmapped: bool = False):
         """stage(layers {name: (n, ...)}, x (B, T, D)) -> x after those n layers, with the model's remat
-        policy: all layers, or one pipeline chunk."""
+        policy: all layers, or one pipeline chunk. `vmapped`: the caller differentiates it under a vmap
+        over the stages (GPipe, circular), which the remat policy must know (`remat.policy_for`)."""
         cfg = self.cfg
         family = FAMILIES[cfg.family]
         dtype = compute_dtype(self.policy.compute)
@@ -103,7 +104,8 @@ class Decoder(nnx.Module):
             return family.block(layer_params, x, positions, cfg, mesh)
 
         def stage(layers, x):
-            return scan_layers(block, x, layers, self.remat_policy, self.remat_every, unroll=not cfg.scan_layers)
+            policy, every, unroll = self.remat_policy, self.remat_every, not cfg.scan_layers
+            return scan_layers(block, x, layers, policy, every, unroll=unroll, batch_dims=int(vmapped))
 
         return stage
 
