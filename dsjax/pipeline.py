@@ -229,6 +229,19 @@ def _run(stage, x, stacked, logical, plan, mesh, cast, per_layer):
         kept = jnp.where(keep[:, None, None, None], inputs, store[:, index])
         return constrain(store.at[:, index].set(kept), store_axes, mesh)
 
+    def select(tree, repeat):  # (P, R, ...) -> (P, ...): each stage's chunk `repeat`
+        return jax.vmap(lambda w, r: jax.tree.map(lambda a: a[r], w))(tree, repeat)
+
+    # The chunk each stage runs, and its cast. What a tick computes from its own inputs, autodiff keeps for
+    # the backward pass once per tick (a copy of the chunk's weights at every tick). With one chunk per
+    # stage (R = 1) it is taken once, before the loop, and kept once. The circular schedule's chunk depends
+    # on the tick, and is kept per tick.
+    if R == 1:
+        fixed = (select(weights, jnp.zeros(P, jnp.int32)), select(casts, jnp.zeros(P, jnp.int32)))
+        pick = lambda repeat: fixed  # noqa: E731
+    else:
+        pick = lambda repeat: (select(weights, repeat), select(casts, repeat))  # noqa: E731
+
     def tick(carry, t):
         inputs, store = carry  # (P, mb, T, D) stage inputs, (P, M, mb, T, D) last-stage outputs
         store = record(store, inputs, t)
@@ -236,9 +249,7 @@ def _run(stage, x, stacked, logical, plan, mesh, cast, per_layer):
         first = jnp.where(t < M, xs[t % M][None], store[:, t % M])
         inputs = constrain(jnp.where((slot == 0)[:, None, None, None], first, inputs), STAGE_ACT, mesh)
         repeat = jnp.clip((t - slot) // M, 0, R - 1)  # the chunk each stage runs at this tick
-        chunk = jax.vmap(lambda w, r: jax.tree.map(lambda a: a[r], w))(weights, repeat)
-        chunk_cast = jax.vmap(lambda w, r: jax.tree.map(lambda a: a[r], w))(casts, repeat)
-        chunk = jax.tree.map(lambda w, c: w if c.dtype == w.dtype else _cast_once(w, c), chunk, chunk_cast)
+        chunk = jax.tree.map(lambda w, c: w if c.dtype == w.dtype else _cast_once(w, c), *pick(repeat))
         outputs = constrain(run_stages(chunk, inputs), STAGE_ACT, mesh)
         return (jnp.roll(outputs, 1, axis=0), store), None
 
