@@ -137,8 +137,9 @@ def _layer_list(
             x = block(layer, x)
         return x
 
-    if policy != "none":
-        group = jax.checkpoint(group, policy=policy_for(policy, batch_dims), prevent_cse=False)
+    if policy == "none":  # no groups: `every` does not apply (as in the scanned form)
+        return group(x, layers)
+    group = jax.checkpoint(group, policy=policy_for(policy, batch_dims), prevent_cse=False)
     if len(layers) % every:
         raise ValueError(f"scan_layers: {len(layers)} layers do not split into groups of {every}")
     for start in range(0, len(layers), every):

@@ -54,6 +54,7 @@ def measure(policy: str) -> str:
     model = nnx.merge(run.graphdef, run.state.params)
     layers = MODEL.n_layers // P
     w = {k: jax.ShapeDtypeStruct((layers, *v.shape[1:]), v.dtype) for k, v in model.blocks.arrays().items()}
+    w = jax.eval_shape(model.compute_weights, w)  # what the 1F1B loop hands its stages
     x = jax.ShapeDtypeStruct((MICRO, T, MODEL.d_model), jnp.bfloat16)
     flags, avals = pipeline._stage_residuals(model.stage_fn(T, None), w, x)
     kept = [a for a, f in zip(avals, flags, strict=True) if f]

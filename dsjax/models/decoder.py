@@ -72,11 +72,8 @@ class Decoder(nnx.Module):
             x = pipeline.run(stage, x, weights, logical, plan, mesh, cast=cast, per_layer=per_layer)
         return self.final_norm_fn(x, mesh)
 
-    def embed_tokens(
-        self, tokens: jax.Array, mesh: jax.sharding.Mesh | None = None, offset: int | jax.Array = 0
-    ) -> jax.Array:
-        """tokens (B, T) -> embeddings (plus learned positions) (B, T, D) in the compute dtype; `offset` is the
-        position of tokens[:, 0] in its sequence (the 1F1B pipeline embeds pieces of sequences)."""
+    def embed_tokens(self, tokens: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+        """tokens (B, T) -> embeddings (plus learned positions) (B, T, D) in the compute dtype."""
         dtype = compute_dtype(self.policy.compute)
         T = tokens.shape[1]
         # Gather the table's FSDP shards first (ZeRO-3 does this for every weight before use); a gather from
@@ -84,8 +81,7 @@ class Decoder(nnx.Module):
         table = constrain(self.embed.get_value(), ("vocab", None), mesh)
         x = jnp.take(table, tokens, axis=0).astype(dtype)  # (B, T, D)
         if FAMILIES[self.cfg.family].LEARNED_POSITIONS:
-            positions = jax.lax.dynamic_slice_in_dim(self.positions.get_value(), offset, T)
-            x = x + positions[None].astype(dtype)
+            x = x + self.positions.get_value()[None, :T].astype(dtype)
         return constrain(x, ("act_batch", "act_seq", "act_embed"), mesh)
 
     def stage_fn(self, seq_len: int, mesh: jax.sharding.Mesh | None = None, vmapped: bool = False):
