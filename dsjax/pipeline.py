@@ -386,9 +386,10 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
     weights = {name: w[:, 0] for name, w in weights.items()}  # one chunk per stage: (P, c, ...)
     blocks, rest = nnx.split_state(params, nnx.PathContains("blocks"), ...)  # the stages' weights; all the others
     # What the ticks compute with, made once before the loop rather than at every tick (XLA does not hoist
-    # these casts and slices out of the loop by itself): the weights in the compute dtype, one array per layer when the layers are unrolled (slices
-    # of a stacked array would be copied at every tick), and the LM head matrix in the compute dtype. Their
-    # gradients are the same values as those of the fp32 weights through the cast.
+    # these casts and slices out of the loop by itself): the weights in the compute dtype, one array per
+    # layer when the layers are unrolled (slices of a stacked array would be copied at every tick), and the
+    # LM head matrix in the compute dtype. Their gradients are the same values as those of the fp32 weights
+    # through the cast.
     layer_weights = model.compute_weights(weights)
     if not model.cfg.scan_layers:
         layer_weights = _layers(layer_weights, 1, next(iter(weights.values())).shape[1])
