@@ -613,6 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingError as err:
         return _fail(f"dsjax: training stopped: {err}", 1)
     except ckpt.CheckpointError as err:
+        distributed.await_lost_peer(err)  # a save's collective fails when a peer dies mid-save: name the peer
         return _fail(f"dsjax: checkpoint error: {err}", 1)
     except Preempted as err:
         print(f"dsjax: preempted: {err} Run the same command again to resume.", file=sys.stderr)

@@ -464,3 +464,21 @@ def test_a_restarted_job_may_reuse_a_directory_without_checkpoints(tmp_path, mon
         train._check_out(tmp_path)
     monkeypatch.setenv("DSJAX_RESTART", "1")
     assert train._check_out(tmp_path) == tmp_path
+
+
+def test_a_checkpoint_save_broken_by_a_dead_peer_waits_to_name_it(monkeypatch, capsys):
+    """A peer that dies during a save breaks the save's collective (Gloo: 'connection reset by peer');
+    the CLI then waits for the liveness watch to name the dead process (as for any failed collective)
+    before reporting the checkpoint error, instead of blaming the save alone."""
+    from dsjax import checkpoint, train
+
+    waited = []
+    monkeypatch.setattr(dd, "await_lost_peer", waited.append)
+
+    def broken_save(argv):
+        raise checkpoint.CheckpointError("saving failed: Gloo AllGather failed: Connection reset by peer")
+
+    monkeypatch.setattr(train, "_main", broken_save)
+    assert train.main([]) == 1
+    assert [str(e) for e in waited] == ["saving failed: Gloo AllGather failed: Connection reset by peer"]
+    assert "checkpoint error" in capsys.readouterr().err
