@@ -237,7 +237,7 @@ def _run(stage, x, stacked, logical, plan, mesh, cast, per_layer):
     # stage (R = 1) it is taken once, before the loop, and kept once. The circular schedule's chunk depends
     # on the tick, and is kept per tick.
     if R == 1:
-        fixed = (select(weights, jnp.zeros(P, jnp.int32)), select(casts, jnp.zeros(P, jnp.int32)))
+        fixed = jax.tree.map(lambda a: a[:, 0], (weights, casts))
         pick = lambda repeat: fixed  # noqa: E731
     else:
         pick = lambda repeat: (select(weights, repeat), select(casts, repeat))  # noqa: E731
@@ -377,6 +377,7 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
     from dsjax.sharding import logical_axes
     from dsjax.step import microbatches
 
+    keystr = jax.tree_util.keystr
     model = nnx.merge(graphdef, params)
     P, M = plan.stages, plan.microbatches
     K = 2 * P  # ring slots per stage: a microbatch's forward and backward pass on stage s are 2P - 1 - 2s ticks apart
@@ -396,7 +397,7 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
     dtype = jnp.dtype(compute_dtype(model.policy.compute))
     head_key = f"['{model.head_name()}']"
     tail_rest = jax.tree_util.tree_map_with_path(
-        lambda path, a: a.astype(dtype) if jax.tree_util.keystr(path).startswith(head_key) else a, rest
+        lambda path, a: a.astype(dtype) if keystr(path).startswith(head_key) else a, rest
     )
     tokens = microbatches(batch, M, mesh)  # (M, mb, T + 1)
     stage = model.stage_fn(T, mesh)
@@ -423,8 +424,6 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
         loss, pull = jax.vjp(tail, rest, y)
         grads, y_grad = pull(cotangent)
         return jnp.where(valid, loss, 0.0), masked(valid, grads), jnp.where(valid, y_grad, 0)
-
-    keystr = jax.tree_util.keystr
 
     def embed_backward(rest, tok, g):  # every microbatch: tokens (M, mb, T), their input gradients (M, mb, T, D)
         def embed_all(rest):
