@@ -161,10 +161,10 @@ def run(
     x (B, T, D) by the pipeline schedule; `stage(chunk, x)` runs one chunk ({name: (c, ...)}, or with
     `per_layer` a list of c per-layer dicts) on one microbatch (mb, T, D).
 
-    `cast` (weights -> the weights the blocks compute with, e.g. in bf16) runs once, before the loop, and
-    the ticks use its result; the gradients still reach `stacked` in its own dtype, summed over the ticks
-    in that dtype (see `_cast_once`). Otherwise XLA casts (and, with `per_layer`, slices out each layer's
-    weights) again at every tick."""
+    `cast` (weights -> the weights the blocks compute with, e.g. in bf16, or `Precast` pairs) runs once,
+    before the loop, and the ticks use its result; the gradients still reach `stacked` in its own dtype,
+    summed over the ticks in that dtype (see `_for_ticks`). Otherwise XLA casts (and, with `per_layer`,
+    slices out each layer's weights) again at every tick."""
     with sharding.rules(act_batch=("data", "fsdp")):  # each stage holds whole microbatches
         return _run(stage, x, stacked, logical, plan, mesh, cast, per_layer)
 
@@ -190,8 +190,20 @@ _cast_once.defvjp(_cast_once_fwd, _cast_once_bwd)
 
 
 def _layers(tree: dict, axis: int, n: int) -> list[dict]:
-    """{name: (..., n, ...)} with the layers on `axis` -> n dicts, one per layer."""
-    return [{name: jax.lax.index_in_dim(a, i, axis, keepdims=False) for name, a in tree.items()} for i in range(n)]
+    """{name: (..., n, ...)} (or a `Precast` of two) with the layers on `axis` -> n dicts, one per layer."""
+    pick = [functools.partial(jax.lax.index_in_dim, index=i, axis=axis, keepdims=False) for i in range(n)]
+    return [jax.tree.map(layer, tree) for layer in pick]
+
+
+def _for_ticks(w: jax.Array, c):
+    """What a tick hands the blocks for weight w given its cast c (`cast` of the weights, made before the
+    loop): a `Precast` as it is (its gradient goes to w through `layers.project`), w itself where the cast
+    keeps its dtype, else the cast with w's gradient summed in w's dtype (`_cast_once`)."""
+    from dsjax.models.layers import Precast
+
+    if isinstance(c, Precast):
+        return c
+    return w if c.dtype == w.dtype else _cast_once(w, jax.lax.stop_gradient(c))
 
 
 def stage_weights(stacked: dict, logical: dict, stages: int, repeats: int, mesh) -> dict:
@@ -211,7 +223,7 @@ def _run(stage, x, stacked, logical, plan, mesh, cast, per_layer):
 
     P, M, R = plan.stages, plan.microbatches, plan.repeats
     weights = stage_weights(stacked, logical, P, R, mesh)  # (P, R, c, ...)
-    casts = jax.lax.stop_gradient(cast(weights)) if cast is not None else weights
+    casts = cast(weights) if cast is not None else weights
     if per_layer:
         c = next(iter(weights.values())).shape[2]
         weights, casts = _layers(weights, 2, c), _layers(casts, 2, c)
@@ -249,7 +261,7 @@ def _run(stage, x, stacked, logical, plan, mesh, cast, per_layer):
         first = jnp.where(t < M, xs[t % M][None], store[:, t % M])
         inputs = constrain(jnp.where((slot == 0)[:, None, None, None], first, inputs), STAGE_ACT, mesh)
         repeat = jnp.clip((t - slot) // M, 0, R - 1)  # the chunk each stage runs at this tick
-        chunk = jax.tree.map(lambda w, c: w if c.dtype == w.dtype else _cast_once(w, c), *pick(repeat))
+        chunk = jax.tree.map(_for_ticks, *pick(repeat))
         outputs = constrain(run_stages(chunk, inputs), STAGE_ACT, mesh)
         return (jnp.roll(outputs, 1, axis=0), store), None
 
@@ -374,6 +386,7 @@ def value_and_grad_1f1b(
 def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
     from flax import nnx
 
+    from dsjax.models.layers import Precast
     from dsjax.sharding import logical_axes
     from dsjax.step import microbatches
 
@@ -389,22 +402,19 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
     # What the ticks compute with, made once before the loop rather than at every tick (XLA does not hoist
     # these casts and slices out of the loop by itself): the weights in the compute dtype, one array per
     # layer when the layers are unrolled (slices of a stacked array would be copied at every tick), and the
-    # LM head matrix in the compute dtype. Their gradients are the same values as those of the fp32 weights
-    # through the cast.
+    # LM head matrix in the compute dtype. The matmul weights and the head come as `Precast` pairs: their
+    # gradients leave the GEMMs in fp32, straight into the fp32 accumulators (`layers.project`); the other
+    # weights' gradients are the same values as those of the fp32 weights through the cast.
     layer_weights = model.compute_weights(weights)
     if not model.cfg.scan_layers:
         layer_weights = _layers(layer_weights, 1, next(iter(weights.values())).shape[1])
+    is_precast = lambda x: isinstance(x, Precast)  # noqa: E731
+    masters = jax.tree.map(lambda w: w.master if is_precast(w) else w, layer_weights, is_leaf=is_precast)
     dtype = jnp.dtype(compute_dtype(model.policy.compute))
-    head_key = f"['{model.head_name()}']"
-    tail_rest = jax.tree_util.tree_map_with_path(
-        lambda path, a: a.astype(dtype) if keystr(path).startswith(head_key) else a, rest
-    )
+    head_cast = model.head().astype(dtype)
     tokens = microbatches(batch, M, mesh)  # (M, mb, T + 1)
     stage = model.stage_fn(T, mesh)
     cotangent = (seed / (rows * T)).astype(jnp.float32)  # d(seed * mean loss) / d(sum of token losses)
-
-    def masked(valid, tree):
-        return jax.tree.map(lambda a: jnp.where(valid, a, jnp.zeros_like(a)), tree)
 
     def per_stage(valid):  # (P,) -> broadcastable over (P, ...)
         return lambda a: jnp.where(valid.reshape(P, *([1] * (a.ndim - 1))), a, jnp.zeros_like(a))
@@ -419,11 +429,13 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
     def tail_backward(rest, y, labels, valid):  # one stage's positions of the last stage's microbatch
         def tail(rest, y):
             m = nnx.merge(graphdef, blocks, rest)
-            return m.token_losses(m.final_norm_fn(y, mesh), m.head(), labels, mesh).sum()
+            head = m.head()
+            head = Precast(head, head_cast) if head.dtype != head_cast.dtype else head
+            return m.token_losses(m.final_norm_fn(y, mesh), head, labels, mesh).sum()
 
         loss, pull = jax.vjp(tail, rest, y)
-        grads, y_grad = pull(cotangent)
-        return jnp.where(valid, loss, 0.0), masked(valid, grads), jnp.where(valid, y_grad, 0)
+        grads, y_grad = pull(jnp.where(valid, cotangent, 0.0))  # no valid microbatch: zero gradients, as below
+        return jnp.where(valid, loss, 0.0), grads, jnp.where(valid, y_grad, 0)
 
     def embed_backward(rest, tok, g):  # every microbatch: tokens (M, mb, T), their input gradients (M, mb, T, D)
         def embed_all(rest):
@@ -438,6 +450,9 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
 
     def add(acc, grads):
         return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+
+    def master_grads(grads):  # layer_weights' gradients, a Precast's the one of its master weight
+        return jax.tree.map(lambda w, g: g.master if is_precast(w) else g, layer_weights, grads, is_leaf=is_precast)
 
     def stacked(grads):  # layer_weights' gradients as {name: (P, c, ...)}
         if not isinstance(grads, list):
@@ -513,7 +528,7 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
             item = t - (P - 1)
             done = (item >= 0) & (item < M)
             labels = tokens[jnp.clip(item, 0, M - 1)][:, 1:]
-            losses, tail_grads, y_grads = tails(tail_rest, pieces(outputs[P - 1]), pieces(labels), done)
+            losses, tail_grads, y_grads = tails(rest, pieces(outputs[P - 1]), pieces(labels), done)
             new.update(sent=outputs, last_grad=whole(y_grads), total=carry["total"] + losses.sum())
             new["rest_grads"] = add(carry["rest_grads"], tail_grads)
         if backward_pass:
@@ -523,13 +538,19 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
             valid = (item_b >= 0) & (item_b < M)
             incoming = jnp.roll(carry["returned"], -1, axis=0)
             incoming = jnp.where((slot == P - 1)[:, None, None, None], carry["last_grad"][None], incoming)
-            incoming = constrain(incoming, STAGE_ACT, mesh)
+            # A stage with no valid microbatch runs its backward pass on a zero gradient, from the residuals of
+            # its latest forward pass (real ones, whose backward pass is finite; a slot not yet written holds
+            # zeros, whose backward pass is not): its weight gradients are zeros, which the accumulators add
+            # as they leave their GEMMs (`layers.project`; a mask between the two would cost a pass over
+            # every gradient at every tick).
+            incoming = constrain(per_stage(valid)(incoming), STAGE_ACT, mesh)
             written = (item_b + slot) % K  # the slot stage s wrote at microbatch t - 2P + 1 + s's forward tick
             # (never the slot this tick's forward pass wrote; read after that write, so that the rings are
             # updated in place rather than kept twice)
+            written = jnp.where(valid, written, jnp.minimum(t, max(P, M + P - 1) - 1) % K)
             kept = [read(ring, written) for ring in new["rings"]]
             weight_grads, returned = backward(layer_weights, kept, incoming)
-            new["block_grads"] = add(carry["block_grads"], jax.tree.map(per_stage(valid), stacked(weight_grads)))
+            new["block_grads"] = add(carry["block_grads"], master_grads(weight_grads))
             new["returned"] = constrain(per_stage(valid)(returned), STAGE_ACT, mesh)
             # Every stage keeps its input gradient in its own part of a store split over the stages (no data
             # moves); stage 0's part, the embeddings' gradients, is used after the loop. Before microbatch
@@ -549,7 +570,7 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
         returned=acts,
         last_grad=jnp.zeros((micro, T, D), dtype),
         rings=[ring_constrain(jnp.zeros((P, K, *r.shape), r.dtype)) for r in kept_specs],
-        block_grads=jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), weights),
+        block_grads=jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), masters, is_leaf=is_precast),
         rest_grads=jax.tree.map(stage_zeros, rest, is_leaf=lambda x: isinstance(x, nnx.Variable)),
         first_grads=constrain(jnp.zeros((P, M, micro, T, D), dtype), FIRST_GRADS, mesh),
         total=jnp.zeros((), jnp.float32),
@@ -571,7 +592,7 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
     embed_grads = embed_backward(rest, tokens[:, :, :-1], first_grads)
     for path, g in jax.tree_util.tree_leaves_with_path(embed_grads):
         rest_grads[keystr(path)] = rest_grads[keystr(path)] + g.astype(jnp.float32)
-    block_grads = carry["block_grads"]
+    block_grads = stacked(carry["block_grads"])
 
     def assemble(path, p):
         key = keystr(path)

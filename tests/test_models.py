@@ -13,7 +13,7 @@ from dsjax.metrics import flops_per_token, peak_flops
 from dsjax.models import Decoder, param_counts
 from dsjax.models.decoder import FAMILIES
 from dsjax.models.gpt2 import bias_gelu
-from dsjax.models.layers import attention_impl
+from dsjax.models.layers import Precast, attention_impl, einsum_sides, project
 from dsjax.precision import POLICIES
 
 SMALL = {
@@ -104,22 +104,64 @@ def test_bias_gelu_differentiates_as_the_composition(dtype):
 
 @pytest.mark.parametrize("family", list(SMALL))
 def test_compute_weights_casts_what_the_block_casts(family):
-    """`Decoder.compute_weights` (1F1B casts its stages' weights once, before its loop) leaves the block's
-    output and the fp32 weights' gradients unchanged, bit for bit, under bf16 compute: it casts exactly the
-    parameters the block would cast and keeps the norms in fp32."""
+    """`Decoder.compute_weights` (the pipeline casts its stages' weights once, before its loop) leaves the
+    block's output and the gradients of the weights it casts unchanged, bit for bit, under bf16 compute: it
+    casts exactly the parameters the block would cast and keeps the norms in fp32. The matmul weights come
+    as `Precast`, whose gradients are the GEMMs' fp32 results: the plain path's within bf16 rounding."""
+    family_module = FAMILIES[family]
     model = Decoder(SMALL[family], rngs=nnx.Rngs(0), policy=POLICIES["bf16"])
     stage = model.stage_fn(8)
     x = jax.random.normal(jax.random.key(1), (2, 8, 32), jnp.bfloat16)
     weights = model.blocks.arrays()
-    kept = {name for name, w in model.compute_weights(weights).items() if w.dtype == jnp.float32}
-    assert kept == set(FAMILIES[family].KEEP)
+    cast = model.compute_weights(weights)
+    assert {name for name, w in cast.items() if isinstance(w, Precast)} == set(family_module.PROJECTIONS)
+    kept = {name for name, w in cast.items() if not isinstance(w, Precast) and w.dtype == jnp.float32}
+    assert kept == set(family_module.KEEP)
 
     def loss(cast_first):
         def f(w, x):
             return stage(model.compute_weights(w) if cast_first else w, x).astype(jnp.float32).sum()
 
-        return jax.jit(jax.value_and_grad(f))(weights, x)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(weights, x)
 
-    for a, b in zip(jax.tree.leaves(loss(True)), jax.tree.leaves(loss(False)), strict=True):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    (loss_a, (grads_a, x_a)), (loss_b, (grads_b, x_b)) = loss(True), loss(False)
+    np.testing.assert_array_equal(np.asarray(loss_a), np.asarray(loss_b))
+    np.testing.assert_array_equal(np.asarray(x_a, np.float32), np.asarray(x_b, np.float32))
+    for name in weights:
+        a, b = grads_a[name], grads_b[name]
+        assert a.dtype == b.dtype == jnp.float32
+        if name in family_module.PROJECTIONS:
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2**-8, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("spec, w_shape", [("BTD,DNH->BTNH", (16, 3, 8)), ("BTNH,NHD->BTD", (3, 8, 16))])
+def test_a_precast_weight_takes_its_gradient_from_the_gemm_in_fp32(spec, w_shape):
+    """`project` with a `Precast` weight: the same forward pass and input gradient as the einsum of the cast,
+    and the weight's gradient the fp32 result of the GEMM of the bf16 input and cotangent, never rounded to
+    bf16 (a pipeline's fp32 accumulators then take it straight from the GEMM)."""
+    lhs, rhs, out = einsum_sides(spec)
+    keys = jax.random.split(jax.random.key(0), 3)
+    x_shape = (2, 4, *[w_shape[rhs.index(c)] for c in lhs[2:]])
+    x = jax.random.normal(keys[0], x_shape, jnp.bfloat16)
+    w = jax.random.normal(keys[1], w_shape, jnp.float32)
+    y_shape = jax.eval_shape(lambda: jnp.einsum(spec, x, w.astype(jnp.bfloat16))).shape
+    c = jax.random.normal(keys[2], y_shape, jnp.float32)
+
+    def f(precast):
+        def loss(w, x):
+            wc = Precast(w, w.astype(jnp.bfloat16)) if precast else w.astype(jnp.bfloat16)
+            return (project(spec, x, wc).astype(jnp.float32) * c).sum()
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(w, x)
+
+    (la, (wa, xa)), (lb, (wb, xb)) = f(True), f(False)
+    np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
+    np.testing.assert_array_equal(np.asarray(xa, np.float32), np.asarray(xb, np.float32))
+    g = c.astype(jnp.bfloat16)  # the cotangent of the bf16 output
+    want = jax.jit(lambda: jnp.einsum(f"{lhs},{out}->{rhs}", x, g, preferred_element_type=jnp.float32))()
+    assert wa.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(wa), np.asarray(want), rtol=1e-6, atol=1e-6)
+    # the plain path's gradient is that product rounded to bf16 (on hardware that does not skip the rounding)
+    np.testing.assert_allclose(np.asarray(wb), np.asarray(want), rtol=2**-8, atol=1e-6)

@@ -29,7 +29,7 @@ from dsjax.config import (
     TrainConfig,
 )
 from dsjax.mesh import make_mesh
-from dsjax.models import Decoder
+from dsjax.models import FAMILIES, Decoder
 from dsjax.pipeline import Plan, make_plan, value_and_grad_1f1b
 from dsjax.precision import POLICIES
 from dsjax.step import loss_fn
@@ -304,8 +304,10 @@ def test_repeats_need_the_circular_schedule():
 @pytest.mark.parametrize(("schedule", "repeats"), [("gpipe", 1), ("circular", 2)])
 def test_the_loop_casts_the_weights_once_with_the_same_gradients(schedule, repeats):
     """GPipe and circular hand their loop the weights cast to bf16 once (`cast`), one array per layer
-    (`per_layer`), and keep the fp32 weights' gradients summed over the ticks in fp32 (`_cast_once`):
-    output and gradients equal those of the loop that casts at every tick, to fp32 rounding of the sums."""
+    (`per_layer`), and keep the fp32 weights' gradients summed over the ticks in fp32 (`_cast_once`, and
+    `Precast` for the matmul weights): output and gradients equal those of the loop that casts at every tick,
+    to fp32 rounding of the sums; the matmul weights' gradients to bf16 rounding, which the per-tick casts
+    apply to each tick's gradient and `Precast` does not (tests/test_models.py shows its fp32 GEMM)."""
     model = Decoder(MODELS["llama"], rngs=nnx.Rngs(0), policy=POLICIES["bf16"])
     mesh = make_mesh(MeshConfig(pipeline=2, fsdp=1).degrees(), jax.devices()[:2])
     plan = Plan(stages=2, microbatches=4, repeats=repeats, schedule=schedule)
@@ -328,4 +330,9 @@ def test_the_loop_casts_the_weights_once_with_the_same_gradients(schedule, repea
         names = ["loss", *sorted(logical), "x"]
         for name, a, b in zip(names, jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             assert a.dtype == b.dtype, name
-            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6, err_msg=name)
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            if name in FAMILIES["llama"].PROJECTIONS:
+                error = np.linalg.norm(a - b) / np.linalg.norm(b)
+                assert error < 2**-8, f"{name}: relative L2 error {error:.3g}"  # measured 1.3e-3 to 1.7e-3
+            else:
+                np.testing.assert_allclose(a, b, rtol=1e-6, err_msg=name)

@@ -1,8 +1,8 @@
 """The decoder-only language model shared by all families: embeddings, scanned blocks, final norm, LM head.
 
 A family module (llama.py, gpt2.py) supplies `block_params`, `block`, `norm_params`, `final_norm`,
-`LEARNED_POSITIONS` and `KEEP` (the block parameters its block does not cast to the compute dtype);
-everything else is common.
+`LEARNED_POSITIONS`, `KEEP` (the block parameters its block does not cast to the compute dtype) and
+`PROJECTIONS` (the block weights it uses only through `layers.project`); everything else is common.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from flax import nnx
 from dsjax import pipeline
 from dsjax.config import ModelConfig, PipelineConfig
 from dsjax.models import gpt2, llama, xent
-from dsjax.models.layers import Group, ParamSpec, attention_impl, cast, make_param
+from dsjax.models.layers import Group, ParamSpec, Precast, attention_impl, cast, einsum_sides, make_param
 from dsjax.precision import POLICIES, Policy, compute_dtype
 from dsjax.remat import scan_layers
 from dsjax.sharding import constrain, logical_axes, named
@@ -105,11 +105,19 @@ class Decoder(nnx.Module):
 
         return stage
 
-    def compute_weights(self, stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def compute_weights(self, stacked: dict[str, jax.Array]) -> dict:
         """Block weights ({name: (..., )}) as the blocks use them: in the compute dtype, except the
         parameters the family keeps in their own (the norms). Casting once, before a loop that runs the
-        blocks many times (1F1B's ticks), keeps the loop from casting them at every iteration."""
-        return cast(stacked, compute_dtype(self.policy.compute), keep=FAMILIES[self.cfg.family].KEEP)
+        blocks many times (the pipeline's ticks), keeps the loop from casting them at every iteration. The
+        matmul weights come as `Precast` (the weight and its cast) where the cast changes the dtype, so that
+        their gradients leave the GEMMs in the weight's dtype (`layers.project`)."""
+        family = FAMILIES[self.cfg.family]
+        dtype = compute_dtype(self.policy.compute)
+        cast_weights = cast(stacked, dtype, keep=family.KEEP)
+        return {
+            name: Precast(stacked[name], w) if name in family.PROJECTIONS and w.dtype != stacked[name].dtype else w
+            for name, w in cast_weights.items()
+        }
 
     def head_name(self) -> str:
         """The parameter that `head` returns: the embedding table when tied, else the LM head."""
@@ -157,7 +165,8 @@ class Decoder(nnx.Module):
         sharding = None if mesh is None else named(("act_batch", "act_seq", "act_vocab"), logits_shape, mesh)
         out = jnp.dtype(self.policy.output)
         kernel = kernel or self.cfg.loss_kernel
-        return head_cross_entropy(x, head.astype(x.dtype), labels, self.head_spec(), out, sharding, kernel)
+        w = head if isinstance(head, Precast) else head.astype(x.dtype)
+        return head_cross_entropy(x, w, labels, self.head_spec(), out, sharding, kernel)
 
     def project(self, x: jax.Array, head: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
         """Hidden states (B, T, D) -> logits (B, T, V) in the output dtype. A pure function of its arguments,
@@ -192,10 +201,9 @@ def _head_matmul_bwd(spec, out_dtype, residuals, g):
 head_matmul.defvjp(_head_matmul_fwd, _head_matmul_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def head_cross_entropy(
     x: jax.Array,
-    w: jax.Array,
+    w: jax.Array | Precast,
     labels: jax.Array,
     spec: str,
     out_dtype: jnp.dtype,
@@ -212,8 +220,15 @@ def head_cross_entropy(
     GEMMs' (B, T, D) sides. Differentiating the composition automatically would materialise an fp32
     gradient of the logits and convert it in a separate pass (experiments/RESULTS.md). `sharding` (of the
     logits), when given, pins their layout (vocab-parallel under tensor parallelism); `kernel` is
-    model.loss_kernel. Without differentiation only the loss is computed.
+    model.loss_kernel. Without differentiation only the loss is computed. A `Precast` head computes with
+    its cast and has its gradient written in its master's dtype by the GEMM (see `layers.project`).
     """
+    master, compute = (w.master, w.compute) if isinstance(w, Precast) else (w, w)
+    return _head_cross_entropy(x, master, jax.lax.stop_gradient(compute), labels, spec, out_dtype, sharding, kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _head_cross_entropy(x, master, w, labels, spec, out_dtype, sharding, kernel) -> jax.Array:
     return xent.loss_only(_logits(x, w, spec, out_dtype, sharding), labels)
 
 
@@ -222,26 +237,26 @@ def _logits(x, w, spec, out_dtype, sharding):
     return logits if sharding is None else jax.lax.with_sharding_constraint(logits, sharding)
 
 
-def _head_cross_entropy_fwd(x, w, labels, spec, out_dtype, sharding, kernel):
+def _head_cross_entropy_fwd(x, master, w, labels, spec, out_dtype, sharding, kernel):
     logits = _logits(x, w, spec, out_dtype, sharding)
     loss, unit = xent.loss_and_unit_grad(logits, labels, x.dtype, kernel, sharding)
-    return loss, (x, w, unit)
+    return loss, (x, w, unit, jnp.zeros((), master.dtype))
 
 
 def _head_cross_entropy_bwd(spec, out_dtype, sharding, kernel, residuals, g):
-    x, w, unit = residuals  # unit: d loss / d logits of each position, for a cotangent of 1
+    x, w, unit, master_dtype = residuals  # unit: d loss / d logits of each position, for a cotangent of 1
     if sharding is not None:
         unit = jax.lax.with_sharding_constraint(unit, sharding)
     g = g[..., None]  # dlogits = g * unit, so dx = g * (unit . w) and dw = unit . (g * x)
     _, dx_vjp = jax.vjp(lambda a: jnp.einsum(spec, a, w), x)
     (dx,) = dx_vjp(unit)
     scaled = (x.astype(jnp.float32) * g).astype(x.dtype)
-    _, dw_vjp = jax.vjp(lambda b: jnp.einsum(spec, scaled, b), w)
-    (dw,) = dw_vjp(unit)
-    return (dx.astype(jnp.float32) * g).astype(x.dtype), dw, None
+    lhs, rhs, out = einsum_sides(spec)
+    dw = jnp.einsum(f"{lhs},{out}->{rhs}", scaled, unit, preferred_element_type=master_dtype.dtype)
+    return (dx.astype(jnp.float32) * g).astype(x.dtype), dw, None, None
 
 
-head_cross_entropy.defvjp(_head_cross_entropy_fwd, _head_cross_entropy_bwd)
+_head_cross_entropy.defvjp(_head_cross_entropy_fwd, _head_cross_entropy_bwd)
 
 
 def param_counts(state: nnx.State, cfg: ModelConfig) -> tuple[int, int]:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.config import ModelConfig
-from dsjax.models.layers import ParamSpec, cast, causal_attention
+from dsjax.models.layers import ParamSpec, cast, causal_attention, project
 from dsjax.models.norms import add_norm
 from dsjax.sharding import constrain
 
 LEARNED_POSITIONS = True
 KEEP = ("ln1_scale", "ln1_bias", "ln2_scale", "ln2_bias")  # block parameters the block does not cast
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w_fc", "w_proj")  # block weights used only through `project`
 
 
 def block_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
@@ -83,14 +83,14 @@ def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: Mode
     heads = ("act_batch", "act_seq", "act_heads", None)
     norm = dict(eps=cfg.norm_eps, impl=cfg.norm_kernel, mesh=mesh)
     _, h = add_norm(x, None, p["ln1_scale"], p["ln1_bias"], **norm)
-    q = checkpoint_name(constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wq"]) + p["bq"], heads, mesh), "query_proj")
-    k = checkpoint_name(constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wk"]) + p["bk"], heads, mesh), "key_proj")
-    v = checkpoint_name(constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wv"]) + p["bv"], heads, mesh), "value_proj")
+    q = checkpoint_name(constrain(project("BTD,DNH->BTNH", h, p["wq"]) + p["bq"], heads, mesh), "query_proj")
+    k = checkpoint_name(constrain(project("BTD,DNH->BTNH", h, p["wk"]) + p["bk"], heads, mesh), "key_proj")
+    v = checkpoint_name(constrain(project("BTD,DNH->BTNH", h, p["wv"]) + p["bv"], heads, mesh), "value_proj")
     o = checkpoint_name(causal_attention(q, k, v, cfg.attention), "context")  # (B, T, N, H)
-    out = checkpoint_name(constrain(jnp.einsum("BTNH,NHD->BTD", o, p["wo"]), act, mesh), "out_proj")
+    out = checkpoint_name(constrain(project("BTNH,NHD->BTD", o, p["wo"]), act, mesh), "out_proj")
     # x + (out + bo) and its LayerNorm in one pass (dsjax.models.norms)
     x, h = add_norm(x, out, p["ln2_scale"], p["ln2_bias"], y_bias=p["bo"], **norm)
-    hidden = checkpoint_name(jnp.einsum("BTD,DF->BTF", h, p["w_fc"]), "mlpwi_0")
+    hidden = checkpoint_name(project("BTD,DF->BTF", h, p["w_fc"]), "mlpwi_0")
     hidden = constrain(bias_gelu(hidden, p["b_fc"]), ("act_batch", "act_seq", "act_mlp"), mesh)
-    out = jnp.einsum("BTF,FD->BTD", hidden, p["w_proj"]) + p["b_proj"]
+    out = project("BTF,FD->BTD", hidden, p["w_proj"]) + p["b_proj"]
     return x + checkpoint_name(constrain(out, act, mesh), "mlpwo")

@@ -7,6 +7,7 @@ F mlp, V vocab, L layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -74,10 +75,67 @@ def splits_last_axis(sharding: jax.sharding.NamedSharding | None) -> bool:
     return sharding is not None and len(sharding.spec) >= 3 and sharding.spec[2] is not None
 
 
-def cast(params: dict[str, jax.Array], dtype, keep: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+def cast(params: dict, dtype, keep: tuple[str, ...] = ()) -> dict:
     """A layer's parameters in the compute dtype, except those named in `keep` (norm parameters, which
-    the norms use in fp32: rounding them to bf16 first would throw the master precision away)."""
-    return {name: value if name in keep else value.astype(dtype) for name, value in params.items()}
+    the norms use in fp32: rounding them to bf16 first would throw the master precision away) and those
+    already cast (`Precast`)."""
+    return {
+        name: value if name in keep or isinstance(value, Precast) else value.astype(dtype)
+        for name, value in params.items()
+    }
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Precast:
+    """A matmul weight `master` (fp32) and its cast to the compute dtype, `compute`, made once before a loop
+    that runs the blocks many times (a pipeline's ticks). `project` computes with `compute` and returns the
+    weight's gradient to `master`, in master's dtype straight from the GEMM (see `project`)."""
+
+    master: jax.Array
+    compute: jax.Array
+
+
+def project(spec: str, x: jax.Array, w: jax.Array | Precast) -> jax.Array:
+    """einsum(spec, x, w) of activations x and a weight w, in x's dtype (`spec`: "lhs,rhs->out", every index
+    of the weight in x or in the output).
+
+    For a plain array this is the einsum, differentiated as usual. For a `Precast` weight the GEMM of the
+    weight's gradient writes it in master's dtype (fp32), accumulated in fp32 and never rounded to the
+    compute dtype. A loop that sums per-microbatch gradients into fp32 accumulators (the pipeline
+    schedules) then adds the GEMM's own output, and XLA folds that add into the GEMM (cuBLAS with beta = 1,
+    Megatron's gradient-accumulation fusion) instead of writing a bf16 gradient and converting and adding
+    it in a separate pass (experiments/RESULTS.md)."""
+    if isinstance(w, Precast):
+        return _project_precast(spec, x, w.master, jax.lax.stop_gradient(w.compute))
+    return jnp.einsum(spec, x, w)
+
+
+def einsum_sides(spec: str) -> tuple[str, str, str]:
+    """ "lhs,rhs->out" -> (lhs, rhs, out)."""
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    return lhs, rhs, out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _project_precast(spec: str, x: jax.Array, master: jax.Array, compute: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, x, compute)
+
+
+def _project_precast_fwd(spec, x, master, compute):
+    return jnp.einsum(spec, x, compute), (x, compute, jnp.zeros((), master.dtype))
+
+
+def _project_precast_bwd(spec, residuals, g):
+    x, compute, master_dtype = residuals
+    lhs, rhs, out = einsum_sides(spec)
+    dx = jnp.einsum(f"{out},{rhs}->{lhs}", g, compute)
+    dw = jnp.einsum(f"{lhs},{out}->{rhs}", x, g, preferred_element_type=master_dtype.dtype)
+    return dx, dw, None
+
+
+_project_precast.defvjp(_project_precast_fwd, _project_precast_bwd)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.config import ModelConfig
-from dsjax.models.layers import ParamSpec, cast, causal_attention, rope
+from dsjax.models.layers import ParamSpec, cast, causal_attention, project, rope
 from dsjax.models.norms import add_norm
 from dsjax.sharding import constrain
 
 LEARNED_POSITIONS = False
 KEEP = ("attn_norm", "mlp_norm")  # block parameters used in their own dtype (fp32 norms), not the compute dtype
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # block weights used only through `project`
 
 
 def block_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
@@ -45,14 +45,14 @@ def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: Mode
     heads, kv_heads = ("act_batch", "act_seq", "act_heads", None), ("act_batch", "act_seq", "act_kv_heads", None)
     norm = dict(eps=cfg.norm_eps, impl=cfg.norm_kernel, mesh=mesh)
     _, h = add_norm(x, None, p["attn_norm"], None, **norm)
-    q = checkpoint_name(constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wq"]), heads, mesh), "query_proj")
-    k = checkpoint_name(constrain(jnp.einsum("BTD,DKH->BTKH", h, p["wk"]), kv_heads, mesh), "key_proj")
-    v = checkpoint_name(constrain(jnp.einsum("BTD,DKH->BTKH", h, p["wv"]), kv_heads, mesh), "value_proj")
+    q = checkpoint_name(constrain(project("BTD,DNH->BTNH", h, p["wq"]), heads, mesh), "query_proj")
+    k = checkpoint_name(constrain(project("BTD,DKH->BTKH", h, p["wk"]), kv_heads, mesh), "key_proj")
+    v = checkpoint_name(constrain(project("BTD,DKH->BTKH", h, p["wv"]), kv_heads, mesh), "value_proj")
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     o = checkpoint_name(causal_attention(q, k, v, cfg.attention), "context")  # (B, T, N, H)
-    out = checkpoint_name(constrain(jnp.einsum("BTNH,NHD->BTD", o, p["wo"]), act, mesh), "out_proj")
+    out = checkpoint_name(constrain(project("BTNH,NHD->BTD", o, p["wo"]), act, mesh), "out_proj")
     x, h = add_norm(x, out, p["mlp_norm"], None, **norm)  # x + out and its RMSNorm in one pass
-    gate = checkpoint_name(jnp.einsum("BTD,DF->BTF", h, p["w_gate"]), "mlpwi_0")
-    up = checkpoint_name(jnp.einsum("BTD,DF->BTF", h, p["w_up"]), "mlpwi_1")
+    gate = checkpoint_name(project("BTD,DF->BTF", h, p["w_gate"]), "mlpwi_0")
+    up = checkpoint_name(project("BTD,DF->BTF", h, p["w_up"]), "mlpwi_1")
     hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"), mesh)
-    return x + checkpoint_name(constrain(jnp.einsum("BTF,FD->BTD", hidden, p["w_down"]), act, mesh), "mlpwo")
+    return x + checkpoint_name(constrain(project("BTF,FD->BTD", hidden, p["w_down"]), act, mesh), "mlpwo")
