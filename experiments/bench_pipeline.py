@@ -6,8 +6,9 @@ Usage (from the repository root, on a machine with at least --stages GPUs):
 
 Every configuration runs `experiments/bench_train.py` in its own process (same compiled step as
 `python -m dsjax.train`): first the whole model on one GPU (CUDA_VISIBLE_DEVICES=0) at the same global
-batch, then `--stages` GPUs with mesh.pipeline=stages (and no other parallelism) for each schedule and
-microbatch count. It prints one table row per configuration with
+batch (in `--one-gpu-accum` microbatches where it does not fit at once), then `--stages` GPUs with
+mesh.pipeline=stages (and no other parallelism) for each schedule and microbatch count. It prints one
+table row per configuration with
 
     measured efficiency = T_1 / (P x T_P)
 
@@ -62,17 +63,25 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/dsjax-bench-pipeline.jsonl")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every run")
     parser.add_argument("--one-gpu-ms", type=float, help="one-GPU step time measured earlier (skips that run)")
+    parser.add_argument(
+        "--one-gpu-accum",
+        type=int,
+        default=1,
+        help="train.grad_accum of the one-GPU run, for a global batch one GPU cannot hold at once",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     base_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [".", os.environ.get("PYTHONPATH")]))}
 
     one_ms, last = args.one_gpu_ms, None
     if not one_ms:
-        last = measure(args, [*args.set, "mesh.fsdp=1"], {**base_env, "CUDA_VISIBLE_DEVICES": "0"}, out)
+        sets = [*args.set, "mesh.fsdp=1", f"train.grad_accum={args.one_gpu_accum}"]
+        last = measure(args, sets, {**base_env, "CUDA_VISIBLE_DEVICES": "0"}, out)
         if last is None:
             sys.exit("the one-GPU baseline failed; see the output above")
         one_ms = last["step_time_ms"]
-    rows = [("one GPU", 1, "-", one_ms, None, None)]
+    accum = f", grad_accum {args.one_gpu_accum}" if args.one_gpu_accum > 1 else ""
+    rows = [(f"one GPU{accum}", 1, "-", one_ms, None, None)]
     P = args.stages
     for schedule in args.schedules.split(","):
         R = args.repeats if schedule == "circular" else 1
