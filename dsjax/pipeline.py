@@ -365,7 +365,10 @@ def value_and_grad_1f1b(
     the memory grows with P, not with M, except for stage 0's input gradients (D values per token of the
     batch, as many as its embeddings), kept for the embedding's backward pass. In the first P ticks no
     stage has a backward pass to run, and in the last P none has a forward pass: those ticks run only the
-    half that exists (three loops), so the bubble is (P - 1) / (M + P - 1), as in GPipe.
+    half that exists (three loops), so the bubble is (P - 1) / (M + P - 1), as in GPipe. A stage with no
+    microbatch of its own at a tick runs on a zero gradient (and the residuals of its latest forward pass),
+    which adds zeros to the fp32 weight-gradient accumulators: those take each matmul weight's gradient
+    straight from its GEMM (`Decoder.compute_weights`, `layers.project`), with no mask in between.
 
     With `recompute` (the default when the remat policy offloads residuals to host memory, which device
     ring buffers would bring back), a stage keeps only each microbatch's input and runs its forward pass
