@@ -367,8 +367,10 @@ def value_and_grad_1f1b(
     stage has a backward pass to run, and in the last P none has a forward pass: those ticks run only the
     half that exists (three loops), so the bubble is (P - 1) / (M + P - 1), as in GPipe. A stage with no
     microbatch of its own at a tick runs on a zero gradient (and the residuals of its latest forward pass),
-    which adds zeros to the fp32 weight-gradient accumulators: those take each matmul weight's gradient
-    straight from its GEMM (`Decoder.compute_weights`, `layers.project`), with no mask in between.
+    which adds zeros to the fp32 weight-gradient accumulators, with no mask in between: with a compute
+    dtype other than the weights' and unrolled layers, each matmul weight's gradient goes from its GEMM,
+    in fp32, straight into its accumulator (`Decoder.compute_weights`, `layers.project`). This needs the
+    backward pass of every block to scale with its cotangent (zero in, zero out), as all of them do.
 
     With `recompute` (the default when the remat policy offloads residuals to host memory, which device
     ring buffers would bring back), a stage keeps only each microbatch's input and runs its forward pass
@@ -547,10 +549,11 @@ def _one_f_one_b(graphdef, params, batch, mesh, plan, seed, recompute):
             # as they leave their GEMMs (`layers.project`; a mask between the two would cost a pass over
             # every gradient at every tick).
             incoming = constrain(per_stage(valid)(incoming), STAGE_ACT, mesh)
-            written = (item_b + slot) % K  # the slot stage s wrote at microbatch t - 2P + 1 + s's forward tick
-            # (never the slot this tick's forward pass wrote; read after that write, so that the rings are
-            # updated in place rather than kept twice)
-            written = jnp.where(valid, written, jnp.minimum(t, max(P, M + P - 1) - 1) % K)
+            # A valid stage reads the slot it wrote at its microbatch's forward tick, t - 2P + 1 + 2s (never the
+            # slot this tick's forward pass wrote); an idle one the slot of its latest forward tick, which is
+            # this tick's slot up to the last forward tick, M + P - 2. Read after this tick's write, so that
+            # the rings are updated in place rather than kept twice.
+            written = jnp.where(valid, (item_b + slot) % K, jnp.minimum(t, M + P - 2) % K)
             kept = [read(ring, written) for ring in new["rings"]]
             weight_grads, returned = backward(layer_weights, kept, incoming)
             new["block_grads"] = add(carry["block_grads"], master_grads(weight_grads))

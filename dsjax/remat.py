@@ -115,7 +115,7 @@ def scan_layers(
         return _layer_list(block, x, stacked, policy, every, batch_dims)
     if policy == "none":
         return jax.lax.scan(one, x, stacked, unroll=unroll)[0]
-    n_layers = next(iter(stacked.values())).shape[0]
+    n_layers = jax.tree.leaves(stacked)[0].shape[0]
     grouped = jax.tree.map(lambda a: a.reshape(n_layers // every, every, *a.shape[1:]), stacked)
 
     def group(x, layers):

@@ -153,7 +153,7 @@ class Decoder(nnx.Module):
     def token_losses(
         self,
         x: jax.Array,
-        head: jax.Array,
+        head: jax.Array | Precast,
         labels: jax.Array,
         mesh: jax.sharding.Mesh | None = None,
         kernel: str | None = None,

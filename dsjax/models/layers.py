@@ -103,9 +103,10 @@ def project(spec: str, x: jax.Array, w: jax.Array | Precast) -> jax.Array:
     For a plain array this is the einsum, differentiated as usual. For a `Precast` weight the GEMM of the
     weight's gradient writes it in master's dtype (fp32), accumulated in fp32 and never rounded to the
     compute dtype. A loop that sums per-microbatch gradients into fp32 accumulators (the pipeline
-    schedules) then adds the GEMM's own output, and XLA folds that add into the GEMM (cuBLAS with beta = 1,
-    Megatron's gradient-accumulation fusion) instead of writing a bf16 gradient and converting and adding
-    it in a separate pass (experiments/RESULTS.md)."""
+    schedules) then adds the GEMM's own output; where the add takes it directly (unrolled layers), XLA folds
+    the add into the GEMM (cuBLAS with beta = 1, Megatron's gradient-accumulation fusion) instead of writing
+    a bf16 gradient and converting and adding it in a separate pass (experiments/RESULTS.md). With scanned
+    layers the gradients reach the accumulators through the scan's stacked output, still in fp32."""
     if isinstance(w, Precast):
         return _project_precast(spec, x, w.master, jax.lax.stop_gradient(w.compute))
     return jnp.einsum(spec, x, w)
