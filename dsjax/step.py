@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dsjax import pipeline
+from dsjax import pipeline, pipeline_1f1b
 from dsjax.precision import GradientScaler, LossScale
 from dsjax.sharding import constrain, named
 from dsjax.state import TrainState
@@ -112,7 +112,7 @@ def make_train_step(
 ) -> Callable:
     """jit(train_step): (state, batch) -> (state, metrics), metrics as device scalars.
 
-    With a 1F1B pipeline `plan`, the loss and gradients come from `pipeline.value_and_grad_1f1b` (its
+    With a 1F1B pipeline `plan`, the loss and gradients come from `pipeline_1f1b.value_and_grad_1f1b` (its
     schedule interleaves the backward pass with the forward pass) instead of autodiff of the model.
 
     With accum > 1 the batch is split into `accum` microbatches (`microbatches`) whose gradients are
@@ -136,7 +136,7 @@ def make_train_step(
         def loss_and_grads(params, batch):
             if one_f_one_b:
                 seed = scaler.scale(jnp.ones((), jnp.float32), state.loss_scale)
-                return pipeline.value_and_grad_1f1b(graphdef, params, batch, mesh, plan, seed)
+                return pipeline_1f1b.value_and_grad_1f1b(graphdef, params, batch, mesh, plan, seed)
             (_, loss), grads = jax.value_and_grad(scaled, has_aux=True)(params, batch)
             return loss, grads
 

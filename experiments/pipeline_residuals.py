@@ -21,7 +21,7 @@ simulate_cpu_devices(8)
 
 from flax import nnx  # noqa: E402
 
-from dsjax import pipeline  # noqa: E402
+from dsjax import pipeline_1f1b  # noqa: E402
 from dsjax.config import (  # noqa: E402
     Config,
     DataConfig,
@@ -56,7 +56,7 @@ def measure(policy: str) -> str:
     w = {k: jax.ShapeDtypeStruct((layers, *v.shape[1:]), v.dtype) for k, v in model.blocks.arrays().items()}
     w = jax.eval_shape(model.compute_weights, w)  # what the 1F1B loop hands its stages
     x = jax.ShapeDtypeStruct((MICRO, T, MODEL.d_model), jnp.bfloat16)
-    flags, avals = pipeline._stage_residuals(model.stage_fn(T, None), w, x)
+    flags, avals = pipeline_1f1b._stage_residuals(model.stage_fn(T, None), w, x)
     kept = [a for a, f in zip(avals, flags, strict=True) if f]
     batch = batch_at(run, run.train_samples, 0)
     compiled = run.train_step.lower(run.state, batch).compile()

@@ -5,7 +5,7 @@ Usage (from the repository root):
         [--schedules=1f1b,gpipe,circular] [--repeats=2]
 
 For each schedule and plan PxM (P stages, M microbatches) it times the loss and gradients (no optimizer)
-on a mesh of one device: 1F1B's `dsjax.pipeline.value_and_grad_1f1b`, or autodiff of the model with its
+on a mesh of one device: 1F1B's `dsjax.pipeline_1f1b.value_and_grad_1f1b`, or autodiff of the model with its
 layers run by `dsjax.pipeline.run` (GPipe, and circular with --repeats chunks per stage), where the vmap
 over the stages runs every stage's work of every tick on that device, bubble ticks included; then the
 same loss and gradients by autodiff of the unpipelined model (`dsjax.step.loss_fn`), and the relative
@@ -55,7 +55,8 @@ def main() -> None:
 
     from dsjax import pipeline
     from dsjax.config import apply_overrides, preset
-    from dsjax.pipeline import Plan, value_and_grad_1f1b
+    from dsjax.pipeline import Plan
+    from dsjax.pipeline_1f1b import value_and_grad_1f1b
     from dsjax.step import loss_fn
     from dsjax.train import batch_at, build
 

@@ -31,7 +31,8 @@ from dsjax.config import (
 )
 from dsjax.mesh import make_mesh
 from dsjax.models import FAMILIES, Decoder
-from dsjax.pipeline import Plan, make_plan, value_and_grad_1f1b
+from dsjax.pipeline import Plan, make_plan
+from dsjax.pipeline_1f1b import value_and_grad_1f1b
 from dsjax.precision import POLICIES
 from dsjax.step import loss_fn
 from dsjax.train import batch_at, build

@@ -17,7 +17,7 @@ from flax import nnx
 from dsjax import pipeline
 from dsjax.config import ModelConfig, PipelineConfig
 from dsjax.models import gpt2, llama, xent
-from dsjax.models.layers import Group, ParamSpec, Precast, attention_impl, cast, einsum_sides, make_param
+from dsjax.models.layers import Group, ParamSpec, Precast, attention_impl, cast, make_param, weight_grad
 from dsjax.precision import POLICIES, Policy, compute_dtype
 from dsjax.remat import scan_layers
 from dsjax.sharding import constrain, logical_axes, named
@@ -118,10 +118,6 @@ class Decoder(nnx.Module):
             name: Precast(stacked[name], w) if name in family.PROJECTIONS and w.dtype != stacked[name].dtype else w
             for name, w in cast_weights.items()
         }
-
-    def head_name(self) -> str:
-        """The parameter that `head` returns: the embedding table when tied, else the LM head."""
-        return "embed" if self.cfg.tie_embeddings else "lm_head"
 
     def final_norm_fn(self, x: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
         return FAMILIES[self.cfg.family].final_norm(x, self.final_norm.arrays(), self.cfg, mesh)
@@ -251,8 +247,7 @@ def _head_cross_entropy_bwd(spec, out_dtype, sharding, kernel, residuals, g):
     _, dx_vjp = jax.vjp(lambda a: jnp.einsum(spec, a, w), x)
     (dx,) = dx_vjp(unit)
     scaled = (x.astype(jnp.float32) * g).astype(x.dtype)
-    lhs, rhs, out = einsum_sides(spec)
-    dw = jnp.einsum(f"{lhs},{out}->{rhs}", scaled, unit, preferred_element_type=master_dtype.dtype)
+    dw = weight_grad(spec, scaled, unit, master_dtype.dtype)
     return (dx.astype(jnp.float32) * g).astype(x.dtype), dw, None, None
 
 

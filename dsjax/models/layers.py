@@ -128,12 +128,17 @@ def _project_precast_fwd(spec, x, master, compute):
     return jnp.einsum(spec, x, compute), (x, compute, jnp.zeros((), master.dtype))
 
 
+def weight_grad(spec: str, x: jax.Array, g: jax.Array, dtype) -> jax.Array:
+    """The gradient of w in einsum(spec, x, w) for the output's cotangent g, written by the GEMM in `dtype`."""
+    lhs, rhs, out = einsum_sides(spec)
+    return jnp.einsum(f"{lhs},{out}->{rhs}", x, g, preferred_element_type=dtype)
+
+
 def _project_precast_bwd(spec, residuals, g):
     x, compute, master_dtype = residuals
     lhs, rhs, out = einsum_sides(spec)
     dx = jnp.einsum(f"{out},{rhs}->{lhs}", g, compute)
-    dw = jnp.einsum(f"{lhs},{out}->{rhs}", x, g, preferred_element_type=master_dtype.dtype)
-    return dx, dw, None
+    return dx, weight_grad(spec, x, g, master_dtype.dtype), None
 
 
 _project_precast.defvjp(_project_precast_fwd, _project_precast_bwd)
