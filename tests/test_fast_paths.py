@@ -72,6 +72,21 @@ def test_fused_head_backward_runs_in_the_compute_dtype_and_rounds_like_it():
         np.testing.assert_allclose(g.astype(jnp.float32), r, rtol=2**-7, atol=2**-7 * float(jnp.abs(r).max()))
 
 
+@pytest.mark.parametrize("out_dtype, written", [(jnp.bfloat16, "bf16"), (jnp.float16, "f16"), (jnp.float32, "f32")])
+def test_the_head_gemm_writes_the_logits_in_their_dtype(out_dtype, written):
+    """16-bit logits come out of the GEMM itself (cuBLAS rounds its fp32 accumulators once): an fp32 result
+    converted afterwards costs a pass over the logits, which made bf16 logits slower than fp32 ones."""
+    x = jax.random.normal(KEYS[0], (2, 8, 16)).astype(jnp.bfloat16)
+    w = jax.random.normal(KEYS[1], (64, 16)).astype(jnp.bfloat16)
+    hlo = jax.jit(lambda x, w: head_matmul(x, w, "BTD,VD->BTV", jnp.dtype(out_dtype))).lower(x, w).as_text()
+    dots = [line for line in hlo.splitlines() if "dot_general" in line]
+    assert len(dots) == 1 and dots[0].rstrip().endswith(f"tensor<2x8x64x{written}>"), dots
+    assert "convert" not in hlo
+    got = head_matmul(x, w, "BTD,VD->BTV", jnp.dtype(out_dtype))
+    want = jnp.einsum("BTD,VD->BTV", x.astype(jnp.float32), w.astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2**-8 if written != "f32" else 1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("scale, shift", [(1.0, 0.0), (30.0, 0.0), (1.0, 1e4), (5.0, -3e3)])
 def test_one_pass_logsumexp_matches_the_two_pass_one(scale, shift):
     x = scale * jax.random.normal(KEYS[0], (4, 5, 1000)) + shift

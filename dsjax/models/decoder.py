@@ -176,11 +176,15 @@ def head_matmul(x: jax.Array, w: jax.Array, spec: str, out_dtype: jnp.dtype) -> 
     """The LM head: einsum(spec, x, w) accumulated in fp32 and returned in `out_dtype`, whose backward pass
     runs in the compute dtype (x's).
 
-    The forward keeps fp32 logits (they feed a softmax over V entries). Differentiating that fp32 einsum
-    directly would hand its fp32 cotangent to the two backward matmuls, which then run as fp32 (TF32)
-    GEMMs, the most expensive kernels of a bf16 step (experiments/RESULTS.md). Here the cotangent is cast
-    to the compute dtype first, as for every other matmul of the model; the GEMMs still accumulate in fp32.
+    Differentiating an fp32 einsum directly would hand its fp32 cotangent to the two backward matmuls,
+    which then run as fp32 (TF32) GEMMs, the most expensive kernels of a bf16 step (experiments/RESULTS.md).
+    Here the cotangent is cast to the compute dtype first, as for every other matmul of the model; the GEMMs
+    still accumulate in fp32. A 16-bit `out_dtype` is the GEMM's own output type (cuBLAS rounds its fp32
+    accumulators once): an fp32 result converted afterwards costs a pass over the logits, which made bf16
+    logits slower than fp32 ones (experiments/RESULTS.md).
     """
+    if jnp.dtype(out_dtype).itemsize < 4:
+        return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
