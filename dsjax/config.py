@@ -40,6 +40,7 @@ DATA_SOURCES = ("default", "text", "tokens", "synthetic")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 LOSS_KERNELS = ("auto", "xla", "pallas")
 NORM_KERNELS = ("auto", "xla", "pallas")
+GELU_KERNELS = ("auto", "xla", "pallas")
 LOSS_SCALES = ("auto", "dynamic", "static", "none")
 
 
@@ -67,6 +68,11 @@ class ModelConfig:
         "auto",
         "residual add + LayerNorm/RMSNorm: 'auto' (Pallas kernels for LayerNorm on GPU with d_model <= 8192; "
         "XLA for RMSNorm and on CPU), 'xla' or 'pallas' (interpreted on CPU: for tests)",
+    )
+    gelu_kernel: str = doc(
+        "auto",
+        "gpt2's bias + GELU: 'auto' (Pallas kernels with the GPU's tanh instruction for bf16/fp16 activations on "
+        "GPU; XLA for fp32 and on CPU), 'xla' or 'pallas' (interpreted on CPU: for tests)",
     )
     scan_layers: bool = doc(
         True, "compile one block and scan it over the layers (fast compile); false unrolls them (XLA sees all)"
@@ -108,6 +114,10 @@ class ModelConfig:
         _require(
             self.norm_kernel in NORM_KERNELS,
             f"model.norm_kernel must be one of {NORM_KERNELS}, got {self.norm_kernel!r}.",
+        )
+        _require(
+            self.gelu_kernel in GELU_KERNELS,
+            f"model.gelu_kernel must be one of {GELU_KERNELS}, got {self.gelu_kernel!r}.",
         )
         _require(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}.")
         _require(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps}.")

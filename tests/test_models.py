@@ -12,7 +12,7 @@ from dsjax.config import ConfigError, ModelConfig, preset
 from dsjax.metrics import flops_per_token, peak_flops
 from dsjax.models import Decoder, param_counts
 from dsjax.models.decoder import FAMILIES
-from dsjax.models.gpt2 import bias_gelu
+from dsjax.models.gelu import bias_gelu
 from dsjax.models.layers import Precast, attention_impl, einsum_sides, project
 from dsjax.precision import POLICIES
 

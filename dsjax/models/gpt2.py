@@ -6,6 +6,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.config import ModelConfig
+from dsjax.models.gelu import bias_gelu
 from dsjax.models.layers import ParamSpec, cast, causal_attention, project
 from dsjax.models.norms import add_norm
 from dsjax.sharding import constrain
@@ -48,33 +49,6 @@ def final_norm(x: jax.Array, p: dict[str, jax.Array], cfg: ModelConfig, mesh=Non
     return add_norm(x, None, p["scale"], p["bias"], cfg.norm_eps, impl=cfg.norm_kernel, mesh=mesh)[1]
 
 
-@jax.custom_vjp
-def bias_gelu(u: jax.Array, b: jax.Array) -> jax.Array:
-    """GELU (tanh approximation) of u + b, u (..., F) and b (F,) in the compute dtype.
-
-    Differentiated automatically, XLA has the forward pass also write the tanh of every element for the
-    backward pass: one more F-wide tensor per layer written, kept and read. Here the backward pass keeps
-    only u and b and computes the tanh again, in the fusion that writes u's gradient and sums b's. On
-    gpt2-124m B32 (one H200) the step went from 63.1 to 62.2 ms and its footprint from 22.5 to 20.3 GiB
-    (experiments/RESULTS.md). Same arithmetic as autodiff of the composition."""
-    return jax.nn.gelu(u + b, approximate=True)
-
-
-def _bias_gelu_fwd(u, b):
-    return bias_gelu(u, b), (u, b)
-
-
-def _bias_gelu_bwd(residuals, g):
-    # the barrier keeps XLA from merging the tanh computed here with the forward pass's (which it would
-    # then write out for this pass to read, as it does without the custom VJP)
-    u, b = jax.lax.optimization_barrier(residuals)
-    _, vjp = jax.vjp(lambda u, b: jax.nn.gelu(u + b, approximate=True), u, b)
-    return vjp(g)
-
-
-bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
-
-
 def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: ModelConfig, mesh) -> jax.Array:
     """One decoder block in x's dtype. p: this layer's parameters, x (B, T, D), positions (unused) -> (B, T, D)."""
     del positions  # GPT-2 adds learned positions once, at the embedding
@@ -91,6 +65,7 @@ def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: Mode
     # x + (out + bo) and its LayerNorm in one pass (dsjax.models.norms)
     x, h = add_norm(x, out, p["ln2_scale"], p["ln2_bias"], y_bias=p["bo"], **norm)
     hidden = checkpoint_name(project("BTD,DF->BTF", h, p["w_fc"]), "mlpwi_0")
-    hidden = constrain(bias_gelu(hidden, p["b_fc"]), ("act_batch", "act_seq", "act_mlp"), mesh)
+    hidden = bias_gelu(hidden, p["b_fc"], impl=cfg.gelu_kernel, mesh=mesh)
+    hidden = constrain(hidden, ("act_batch", "act_seq", "act_mlp"), mesh)
     out = project("BTF,FD->BTD", hidden, p["w_proj"]) + p["b_proj"]
     return x + checkpoint_name(constrain(out, act, mesh), "mlpwo")
