@@ -162,7 +162,9 @@ def test_lagged_metrics_reads_log_every_step_once_and_in_order(monkeypatch):
 
 
 def test_accelerator_presets_default_to_the_measured_fast_paths():
-    for name in ("gpt2-124m", "llama-1b"):
+    expected = {"gpt2-124m": ("none", "p=f32,c=bf16,o=bf16"), "llama-1b": ("dots_attention", "bf16")}
+    for name, (remat, policy) in expected.items():
         cfg = preset(name)
-        assert (cfg.model.scan_layers, cfg.remat.policy, cfg.precision.policy) == (False, "dots_attention", "bf16")
+        assert (cfg.model.scan_layers, cfg.remat.policy, cfg.precision.policy) == (False, remat, policy)
+        assert (cfg.model.norm_kernel, cfg.model.loss_kernel, cfg.model.gelu_kernel) == ("auto", "auto", "auto")
     assert apply_overrides(preset("gpt2-124m"), {"model.scan_layers": "true"}).model.scan_layers is True
