@@ -6,7 +6,8 @@ Reads the Perfetto trace (`perfetto_trace.json.gz`, written by `jax.profiler.tra
 create_perfetto_trace=True)`) found under TRACE_DIR, keeps the events on one GPU's streams (--gpu, the
 first by default; in a pipeline GPU k runs stage k) and
 prints, per step (total / N): the busy time of the streams, the time the device sat idle between the
-first and the last kernel, the time per kernel category, and the top-K kernels by total time.
+first and the last kernel, the time per kernel category, the top-K kernels by total time, and the K
+longest idle gaps with the kernels on either side (whether the idle time sits between steps or inside one).
 """
 
 from __future__ import annotations
@@ -76,12 +77,15 @@ def summarise(trace_dir: str | Path, steps: int, top: int = 25, gpu_index: int =
     start = min(e["ts"] for e in kernels)
     end = max(e["ts"] + e["dur"] for e in kernels)
     # Busy time: the union of kernel intervals over all streams (overlapping streams counted once).
-    busy, cursor = 0.0, start
+    # The gaps: stretches of the span where no stream runs a kernel, each with the kernels around it.
+    busy, cursor, last, gaps = 0.0, start, None, []
     for e in sorted(kernels, key=lambda e: e["ts"]):
+        if e["ts"] > cursor and last is not None:
+            gaps.append((e["ts"] - cursor, last["name"], e["name"]))
         lo, hi = max(e["ts"], cursor), e["ts"] + e["dur"]
         if hi > lo:
             busy += hi - lo
-            cursor = hi
+            cursor, last = hi, e
     per_cat, per_name, count = collections.Counter(), collections.Counter(), collections.Counter()
     for e in kernels:
         per_cat[category(e["name"])] += e["dur"]
@@ -100,6 +104,10 @@ def summarise(trace_dir: str | Path, steps: int, top: int = 25, gpu_index: int =
         "top_kernels": [
             {"name": n[:160], "ms_per_step": round(v * ms, 3), "calls_per_step": round(count[n] / steps, 1)}
             for n, v in per_name.most_common(top)
+        ],
+        "gaps_over_10us_per_step": round(sum(g for g, _, _ in gaps if g > 10) * ms, 2),
+        "largest_gaps": [
+            {"us": round(g, 1), "after": a[:100], "before": b[:100]} for g, a, b in sorted(gaps, reverse=True)[:top]
         ],
     }
 
