@@ -13,8 +13,10 @@ import collections
 import statistics
 from collections.abc import Callable
 
+import jax.numpy as jnp
+
 from dsjax.config import Config
-from dsjax.precision import DynamicLossScale, loss_scale_from_config
+from dsjax.precision import DynamicLossScale, loss_scale_from_config, parse_policy
 
 # MFU that the accelerator presets reached on one H100 / H200 in bf16 (experiments/RESULTS.md); the
 # advisor compares a run of the same model on the same kind of GPU against it.
@@ -158,7 +160,8 @@ class Advisor:
             return None
         values = [r["mfu"] for r in records if r.get("mfu") is not None]
         recorded, where = RECORDED_MFU[self.preset]
-        if not values or self.config.precision.policy != "bf16" or statistics.median(values) >= 0.7 * recorded:
+        bf16 = parse_policy(self.config.precision.policy).compute == jnp.bfloat16  # the presets' compute dtype
+        if not values or not bf16 or statistics.median(values) >= 0.7 * recorded:
             return None
         return (
             f"MFU is {statistics.median(values):.1%}, far below the {recorded:.1%} the {self.preset} preset "

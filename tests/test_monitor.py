@@ -316,22 +316,30 @@ def advisor_for(name: str = "gpt2-124m") -> Advisor:
 
 
 @pytest.mark.parametrize(
-    "rule, bad",
+    "rule, bad, name",
     [
-        ("gpu_utilization", lambda s: {"gpu_utilization_pct": 45.0}),
-        ("input_bound", lambda s: {"data_wait_s": s * 0.4}),
-        ("loss_scale", lambda s: {"skipped_steps": s // 2, "loss_scale": 0.5}),
-        ("memory_headroom", lambda s: {"memory_peak_bytes": 20 * 2**30}),
-        ("mfu_below_benchmark", lambda s: {"mfu": 0.10}),
+        ("gpu_utilization", lambda s: {"gpu_utilization_pct": 45.0}, "gpt2-124m"),
+        ("input_bound", lambda s: {"data_wait_s": s * 0.4}, "gpt2-124m"),
+        ("loss_scale", lambda s: {"skipped_steps": s // 2, "loss_scale": 0.5}, "gpt2-124m"),
+        # gpt2-124m runs without remat, so there is no lighter policy to suggest: llama-1b's dots_attention
+        ("memory_headroom", lambda s: {"memory_peak_bytes": 20 * 2**30}, "llama-1b"),
+        ("mfu_below_benchmark", lambda s: {"mfu": 0.10}, "gpt2-124m"),
+        ("mfu_below_benchmark", lambda s: {"mfu": 0.10}, "llama-1b"),
     ],
 )
-def test_each_advisor_rule_fires_on_its_stream_and_clears(rule, bad):
-    advisor = advisor_for()
+def test_each_advisor_rule_fires_on_its_stream_and_clears(rule, bad, name):
+    advisor = advisor_for(name)
     changes = stream(advisor, [healthy(s, **bad(s)) for s in (10, 20, 30, 40)])
     assert [r for r, _ in changes] == [rule], changes
     assert changes[0][1]
     cleared = stream(advisor, [healthy(s) for s in (50, 60, 70, 80)])
     assert cleared == [(rule, None)]
+
+
+def test_without_remat_there_is_no_lighter_policy_to_suggest():
+    assert preset("gpt2-124m").remat.policy == "none"
+    changes = stream(advisor_for("gpt2-124m"), [healthy(s, memory_peak_bytes=20 * 2**30) for s in (10, 20, 30)])
+    assert changes == []
 
 
 @pytest.mark.parametrize("policy, fires", [("fp16", True), ("bf16", False)])
