@@ -57,11 +57,13 @@ def qkv_projections(h: jax.Array, p: dict) -> tuple[jax.Array, jax.Array, jax.Ar
     three 768-wide GEMMs run well under cuBLAS's large-GEMM rate, and one 2304-wide GEMM (with its one
     weight-gradient and input-gradient GEMM) made gpt2-124m's step 1.2% faster on an H200
     (experiments/RESULTS.md). The bias add, which splits the three apart, is a pass the block ran anyway.
-    `Precast` weights (a pipeline's, cast once before its loop) keep three GEMMs, each writing its own
-    fp32 weight gradient."""
-    if any(isinstance(p[n], Precast) for n in ("wq", "wk", "wv")):
-        return tuple(project("BTD,DNH->BTNH", h, p[w]) + p[b] for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
-    w = jnp.stack([p["wq"], p["wk"], p["wv"]], axis=1)
+    `Precast` weights (a pipeline's, cast once before its loop) are stacked as one `Precast`, so the
+    pipelined block computes what the plain one does, bit for bit."""
+    ws = [p[n] for n in ("wq", "wk", "wv")]
+    if all(isinstance(w, Precast) for w in ws):
+        w = Precast(jnp.stack([w.master for w in ws], axis=1), jnp.stack([w.compute for w in ws], axis=1))
+    else:
+        w = jnp.stack(ws, axis=1)
     qkv = project("BTD,DSNH->BTSNH", h, w) + jnp.stack([p["bq"], p["bk"], p["bv"]])
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
