@@ -1,12 +1,13 @@
-"""Micro-benchmark of the LM head's softmax cross-entropy pass over fp32 logits (dsjax.models.xent).
+"""Micro-benchmark of the LM head's softmax cross-entropy pass over the logits (dsjax.models.xent).
 
 Usage (GPU): PYTHONPATH=. python experiments/bench_loss_kernel.py [--rows=32768 --vocab=50304] [--reps=20]
+    [--dtype=float32|bfloat16] [--configs=BLOCK:WARPS[:STAGES],...]
 
-Times, on random fp32 logits (R, V), the loss and its bf16 gradient softmax - onehot computed
+Times, on random logits (R, V) of --dtype, the loss and its bf16 gradient softmax - onehot computed
 (a) as dsjax did before the kernel: the loss in the forward pass, the gradient (times the cotangent) from
     the stored logits in the backward pass (two XLA kernels),
 (b) by the 'xla' implementation of loss_and_unit_grad (the same two passes, both in the forward pass),
-(c) by the Pallas kernel at several (block, warps) settings,
+(c) by the Pallas kernel at several (block, warps, Triton pipeline stages) settings,
 each as the median of --reps timed calls (device events: one block per call), and checks (c) against (b).
 Prints one JSON line per variant with ms, GB/s over the fewest bytes (logits read once, gradient written
 once) and the largest differences.
@@ -43,13 +44,14 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=50304)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--configs", default="1024:4,2048:4,2048:8,4096:8,4096:16,8192:16")
+    parser.add_argument("--dtype", default="float32", help="the logits' dtype: float32 or bfloat16")
     args = parser.parse_args()
     R, V = args.rows, args.vocab
     k1, k2 = jax.random.split(jax.random.key(0))
-    logits = 4 * jax.random.normal(k1, (R, V), jnp.float32)
+    logits = (4 * jax.random.normal(k1, (R, V), jnp.float32)).astype(args.dtype)
     labels = jax.random.randint(k2, (R,), 0, V)
     g = jnp.full((R,), 1.0 / R, jnp.float32)
-    floor_bytes = R * V * (4 + 2)
+    floor_bytes = R * V * (logits.dtype.itemsize + 2)
 
     @jax.jit
     def before(logits, labels, g):  # the pre-kernel code: loss forward, gradient backward from the logits
@@ -65,13 +67,15 @@ def main() -> None:
         ms = timed(fn, *fargs, reps=args.reps)
         rows.append({"variant": name, "ms": round(ms, 3), "GBps_floor": round(floor_bytes / ms / 1e6, 1)})
     for config in args.configs.split(","):
-        block, warps = (int(v) for v in config.split(":"))
-        fn = jax.jit(functools.partial(xent._pallas_rows, grad_dtype=jnp.bfloat16, block=block, warps=warps))
+        block, warps, stages = (int(v) for v in (config + ":1").split(":")[:3])
+        fn = jax.jit(
+            functools.partial(xent._pallas_rows, grad_dtype=jnp.bfloat16, block=block, warps=warps, stages=stages)
+        )
         loss, grad = fn(logits, labels)
         ms = timed(fn, logits, labels, reps=args.reps)
         rows.append(
             {
-                "variant": f"pallas block={block} warps={warps}",
+                "variant": f"pallas block={block} warps={warps} stages={stages}",
                 "ms": round(ms, 3),
                 "GBps_floor": round(floor_bytes / ms / 1e6, 1),
                 "max_loss_diff": float(jnp.abs(loss - ref_loss).max()),
@@ -81,7 +85,7 @@ def main() -> None:
         )
     device = jax.devices()[0].device_kind
     for row in rows:
-        print(json.dumps({"device": device, "rows": R, "vocab": V, **row}))
+        print(json.dumps({"device": device, "rows": R, "vocab": V, "dtype": args.dtype, **row}))
 
 
 if __name__ == "__main__":

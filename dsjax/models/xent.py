@@ -28,10 +28,12 @@ from jax.sharding import PartitionSpec as P
 from dsjax.config import LOSS_KERNELS, ConfigError
 from dsjax.models.layers import sharding_platform, splits_last_axis
 
-# logits of a row read per loop iteration (a power of two, as Triton needs) and warps per row: the fastest
-# of 1024-8192 and 4-16 warps on an H200 (experiments/bench_loss_kernel.py, experiments/RESULTS.md)
+# logits of a row read per loop iteration (a power of two, as Triton needs) and warps per row, by the bytes of
+# a logit: the fastest of 1024-8192 and 2-16 warps on an H200 (experiments/bench_loss_kernel.py,
+# experiments/RESULTS.md). 16-bit logits take 4 warps (16 bytes per thread per load): 3.07 against 3.44 ms
+# with 8 on gpt2-124m's (32768 x 50304) bf16 logits.
 BLOCK = 2048
-NUM_WARPS = 8
+NUM_WARPS = {2: 4, 4: 8}
 
 
 def logsumexp(x: jax.Array) -> jax.Array:
@@ -108,20 +110,24 @@ def _kernel(logits_ref, label_ref, loss_ref, grad_ref, *, block: int):
     jax.lax.fori_loop(0, steps, write, 0)
 
 
-def _pallas_rows(logits, labels, grad_dtype, interpret: bool = False, block: int = BLOCK, warps: int = NUM_WARPS):
-    """The kernel over rows: logits (R, V), labels (R,) -> loss (R,), grad (R, V)."""
+def _pallas_rows(
+    logits, labels, grad_dtype, interpret: bool = False, block: int = BLOCK, warps: int | None = None, stages: int = 1
+):
+    """The kernel over rows: logits (R, V), labels (R,) -> loss (R,), grad (R, V). `warps` None: NUM_WARPS for
+    the logits' dtype; `stages`: Triton's software pipelining of the loops' loads (measured no faster)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     R, V = logits.shape
     block = min(block, pl.next_power_of_2(V))
+    warps = warps or NUM_WARPS.get(logits.dtype.itemsize, 8)
     call = pl.pallas_call(
         functools.partial(_kernel, block=block),
         grid=(R,),
         in_specs=[pl.BlockSpec((None, V), lambda i: (i, 0)), pl.BlockSpec((None, 1), lambda i: (i, 0))],
         out_specs=[pl.BlockSpec((None, 1), lambda i: (i, 0)), pl.BlockSpec((None, V), lambda i: (i, 0))],
         out_shape=[jax.ShapeDtypeStruct((R, 1), jnp.float32), jax.ShapeDtypeStruct((R, V), grad_dtype)],
-        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
         interpret=interpret,
         name="dsjax_softmax_xent",
     )
