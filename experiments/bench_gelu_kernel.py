@@ -16,26 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_norm_kernel import timed  # experiments/ is on sys.path when run as a script
 
 from dsjax.models import gelu
-
-
-def timed(fn, *args, reps: int, calls: int = 20) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / calls)
-    return 1e3 * statistics.median(times)
 
 
 def exact(u, b, g):
