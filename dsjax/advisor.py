@@ -160,7 +160,8 @@ class Advisor:
             return None
         values = [r["mfu"] for r in records if r.get("mfu") is not None]
         recorded, where = RECORDED_MFU[self.preset]
-        bf16 = parse_policy(self.config.precision.policy).compute == jnp.bfloat16  # the presets' compute dtype
+        policy = parse_policy(self.config.precision.policy)  # the presets': bf16 compute, fp32 master weights
+        bf16 = policy.compute == jnp.bfloat16 and policy.param == jnp.float32
         if not values or not bf16 or statistics.median(values) >= 0.7 * recorded:
             return None
         return (

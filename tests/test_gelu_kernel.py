@@ -49,8 +49,12 @@ def fp64(u, b, w):
     return 0.5 * z * (1 + t), dz, dz.reshape(-1, dz.shape[-1]).sum(0)
 
 
-def test_the_kernels_equal_xla_in_fp32():
-    u, b, w = inputs(jnp.float32)
+@pytest.mark.parametrize("shape", [SHAPE, (1, 2100, 20)], ids=["partial-tiles", "looping-backward"])
+def test_the_kernels_equal_xla_in_fp32(shape):
+    """Partial row and column tiles; more row tiles than backward programs (each program loops)."""
+    if shape[1] == 2100:
+        assert math.ceil(2100 / gelu.BLOCK_ROWS) > gelu.BWD_ROW_PROGRAMS
+    u, b, w = inputs(jnp.float32, shape)
     got, want = value_and_grads("pallas", u, b, w), value_and_grads("xla", u, b, w)
     for a, c in zip(got, want, strict=True):
         assert a.dtype == c.dtype == jnp.float32

@@ -16,6 +16,10 @@ GPT-2's MLP runs gelu(u + b) on the (B, T, F) output u of its first GEMM. Two im
 u + b is rounded to u's dtype as the unfused block rounds it; the rest is fp32. The kernel's tanh is
 approximate, so 'auto' takes it only for 16-bit activations on GPUs (fp32 runs keep XLA's exact tanh, which
 the equivalence tests hold to 1e-5); on CPUs (tests) 'pallas' runs Pallas's interpreter with jnp.tanh.
+Measured on an H200 against the fp64 GELU of random bf16 inputs, the kernels' results are closer than XLA's
+bf16 fusion (relative L2 of u's gradient 1.6e-3 against 4.5e-3). Element by element, the instruction's error
+bound allows more where GELU saturates, since its derivative takes 1 - tanh^2: up to 2e-3 absolute at
+|u + b| = 3 and 1.3e-2 at 6 (from the bound, not measured element by element).
 """
 
 from __future__ import annotations
