@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import GELU_KERNELS, ConfigError
-from dsjax.models.layers import sharding_platform
+from dsjax.models.layers import activation_spec, as_rows, row_axes, sharding_platform
 from dsjax.sharding import named
 
 C = math.sqrt(2.0 / math.pi)
@@ -173,10 +173,6 @@ def _pallas_bwd(u, b, g, interpret):
     return du, db.sum(0)
 
 
-def _rows(a):
-    return a.reshape(-1, a.shape[-1])
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _fused(u, b, mapped, interpret):
     return _run_fwd(u, b, mapped, interpret)
@@ -184,7 +180,7 @@ def _fused(u, b, mapped, interpret):
 
 def _run_fwd(u, b, mapped, interpret):
     def local(u, b):
-        return _pallas_fwd(_rows(u), b, interpret).reshape(u.shape)
+        return _pallas_fwd(as_rows(u), b, interpret).reshape(u.shape)
 
     return (local if mapped is None else mapped("fwd", local))(u, b)
 
@@ -197,7 +193,7 @@ def _fused_bwd(mapped, interpret, residuals, g):
     u, b = residuals
 
     def local(u, b, g):
-        du, db = _pallas_bwd(_rows(u), b, _rows(g), interpret)
+        du, db = _pallas_bwd(as_rows(u), b, as_rows(g), interpret)
         return du.reshape(u.shape), db
 
     du, db = (local if mapped is None else mapped("bwd", local))(u, b, g)
@@ -211,9 +207,9 @@ def _mapper(sharding: NamedSharding):
     """A maker of the shard_map of one direction's per-device function, for (B, T, F) activations split
     as `sharding`; b follows the feature axis' split, its gradient is summed over the row axes."""
     mesh = sharding.mesh
-    spec = tuple(sharding.spec) + (None,) * (3 - len(sharding.spec))
+    spec = activation_spec(sharding)
     act, vec = P(*spec), P(spec[2])
-    row_axes = tuple(a for part in spec[:2] if part is not None for a in ((part,) if isinstance(part, str) else part))
+    axes = row_axes(spec)
 
     def make(direction, fn):
         if direction == "fwd":
@@ -221,7 +217,7 @@ def _mapper(sharding: NamedSharding):
 
         def run(u, b, g):
             du, db = fn(u, b, g)
-            return du, (jax.lax.psum(db, row_axes) if row_axes else db)
+            return du, (jax.lax.psum(db, axes) if axes else db)
 
         return jax.shard_map(run, mesh=mesh, in_specs=(act, vec, act), out_specs=(act, vec), check_vma=False)
 

@@ -75,6 +75,22 @@ def splits_last_axis(sharding: jax.sharding.NamedSharding | None) -> bool:
     return sharding is not None and len(sharding.spec) >= 3 and sharding.spec[2] is not None
 
 
+def activation_spec(sharding: jax.sharding.NamedSharding) -> tuple:
+    """The PartitionSpec entries of a (B, T, X) activation with `sharding`, padded with None to three."""
+    return tuple(sharding.spec) + (None,) * (3 - len(sharding.spec))
+
+
+def row_axes(spec: tuple) -> tuple[str, ...]:
+    """The mesh axes that split the rows (the B and T axes) of an activation laid out as `spec`: a
+    per-device kernel's sums over rows are summed over these."""
+    return tuple(a for part in spec[:2] if part is not None for a in ((part,) if isinstance(part, str) else part))
+
+
+def as_rows(a: jax.Array) -> jax.Array:
+    """(..., X) -> (rows, X), the layout the row-wise kernels take."""
+    return a.reshape(-1, a.shape[-1])
+
+
 def cast(params: dict, dtype, keep: tuple[str, ...] = ()) -> dict:
     """A layer's parameters in the compute dtype, except those named in `keep` (norm parameters, which
     the norms use in fp32: rounding them to bf16 first would throw the master precision away) and those

@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import NORM_KERNELS, ConfigError
-from dsjax.models.layers import sharding_platform, splits_last_axis
+from dsjax.models.layers import activation_spec, as_rows, row_axes, sharding_platform, splits_last_axis
 from dsjax.sharding import named
 
 # Rows are held whole in registers: a row block is ROW_ELEMENTS elements (rows x the width padded to a
@@ -239,10 +239,6 @@ def _pallas_bwd(s, mean, rstd, scale, dh, ds, rms, has_b, interpret):
 # ------------------------------------------------------------------------------------ differentiation
 
 
-def _rows(a):
-    return a.reshape(-1, a.shape[-1])
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _fused(x, y, b, scale, bias, eps, mapped, interpret):
     """(s, h) with y given, h alone without: the plain norm's backward pass then reads no cotangent of s."""
@@ -255,7 +251,7 @@ def _forward(x, y, b, scale, bias, eps, mapped, interpret):
 
     def local(x, y, b, scale, bias):
         lead = x.shape[:-1]
-        s, h, mean, rstd = _pallas_fwd(_rows(x), None if y is None else _rows(y), b, scale, bias, eps, interpret)
+        s, h, mean, rstd = _pallas_fwd(as_rows(x), None if y is None else as_rows(y), b, scale, bias, eps, interpret)
         shape = lambda a: a.reshape(*lead, *a.shape[1:])  # noqa: E731
         return (None if s is None else shape(s)), shape(h), shape(mean), shape(rstd)
 
@@ -279,12 +275,12 @@ def _fused_bwd(eps, mapped, interpret, res, cts):
     def local(s, mean, rstd, scale, dh, ds):
         lead = s.shape[:-1]
         dx, dscale, dbias, db = _pallas_bwd(
-            _rows(s),
+            as_rows(s),
             mean.reshape(-1),
             rstd.reshape(-1),
             scale,
-            _rows(dh),
-            None if ds is None else _rows(ds),
+            as_rows(dh),
+            None if ds is None else as_rows(ds),
             rms,
             has_b,
             interpret,
@@ -310,9 +306,9 @@ def _mapper(sharding: NamedSharding):
     """A maker of the shard_map of one direction's per-device function, for activations split as
     `sharding` (rows split over its batch/sequence axes, the feature axis whole)."""
     mesh = sharding.mesh
-    spec = tuple(sharding.spec) + (None,) * (3 - len(sharding.spec))
+    spec = activation_spec(sharding)
     act, stat, vec = P(*spec), P(spec[0], spec[1]), P()
-    row_axes = tuple(a for part in spec[:2] if part is not None for a in ((part,) if isinstance(part, str) else part))
+    axes = row_axes(spec)
 
     def make(direction, fn, *flags):
         if direction == "fwd":
@@ -337,7 +333,7 @@ def _mapper(sharding: NamedSharding):
             dx, dscale, dbias, db = fn(s, mean, rstd, scale, dh, ds)
             # partial sums of this device's rows; the sum over devices is the psum below
             grads = [dscale] + ([] if rms else [dbias]) + ([db] if has_b else [])
-            grads = [jax.lax.psum(g, row_axes) if row_axes else g for g in grads]
+            grads = [jax.lax.psum(g, axes) if axes else g for g in grads]
             return dx, *grads
 
         ins = (act, stat, stat, vec, act, act if has_ds else None)

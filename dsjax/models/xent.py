@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import LOSS_KERNELS, ConfigError
-from dsjax.models.layers import sharding_platform, splits_last_axis
+from dsjax.models.layers import activation_spec, as_rows, sharding_platform, splits_last_axis
 
 # logits of a row read per loop iteration (a power of two, as Triton needs) and warps per row, by the bytes of
 # a logit: the fastest of 1024-8192 and 2-16 warps on an H200 (experiments/bench_loss_kernel.py,
@@ -137,7 +137,7 @@ def _pallas_rows(
 
 def _pallas(logits: jax.Array, labels: jax.Array, grad_dtype, interpret: bool = False):
     lead = labels.shape
-    loss, grad = _pallas_rows(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), grad_dtype, interpret)
+    loss, grad = _pallas_rows(as_rows(logits), labels.reshape(-1), grad_dtype, interpret)
     return loss.reshape(lead), grad.reshape(logits.shape)
 
 
@@ -170,7 +170,7 @@ def loss_and_unit_grad(
         return run(logits, labels)
     # On a mesh, always under shard_map, also with replicated logits: under a vmap over the pipeline stages
     # (the 1F1B loop's LM head) shard_map splits the stage axis, where a bare kernel call would be gathered.
-    spec = tuple(sharding.spec) + (None,) * (3 - len(sharding.spec))
+    spec = activation_spec(sharding)
     rows = P(spec[0], spec[1])
     mapped = jax.shard_map(
         run, mesh=sharding.mesh, in_specs=(P(*spec), rows), out_specs=(rows, P(*spec)), check_vma=False
