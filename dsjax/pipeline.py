@@ -239,33 +239,52 @@ def _run(stage, x, stacked, logical, plan, mesh, cast, per_layer):
         kept = jnp.where(keep[:, None, None, None], inputs, store[:, index])
         return constrain(store.at[:, index].set(kept), store_axes, mesh)
 
-    def select(tree, repeat):  # (P, R, ...) -> (P, ...): each stage's chunk `repeat`
-        return jax.vmap(lambda w, r: jax.tree.map(lambda a: a[r], w))(tree, repeat)
+    def chunk_of(repeat: int):  # (P, R, ...) -> (P, ...): every stage's chunk `repeat`, and its cast
+        return jax.tree.map(lambda a: a[:, repeat], (weights, casts))
 
-    # The chunk each stage runs, and its cast. What a tick computes from its own inputs, autodiff keeps for
-    # the backward pass once per tick (a copy of the chunk's weights at every tick). With one chunk per
-    # stage (R = 1) it is taken once, before the loop, and kept once. The circular schedule's chunk depends
-    # on the tick, and is kept per tick.
-    if R == 1:
-        fixed = jax.tree.map(lambda a: a[:, 0], (weights, casts))
-        pick = lambda repeat: fixed  # noqa: E731
-    else:
-        pick = lambda repeat: (select(weights, repeat), select(casts, repeat))  # noqa: E731
-
-    def tick(carry, t):
+    def tick(chunk_at, carry, t):
         inputs, store = carry  # (P, mb, T, D) stage inputs, (P, M, mb, T, D) last-stage outputs
         store = record(store, inputs, t)
         # stage 0: repeat 0 takes a fresh microbatch, a later repeat the last stage's output of the one before
         first = jnp.where(t < M, xs[t % M][None], store[:, t % M])
         inputs = constrain(jnp.where((slot == 0)[:, None, None, None], first, inputs), STAGE_ACT, mesh)
-        repeat = jnp.clip((t - slot) // M, 0, R - 1)  # the chunk each stage runs at this tick
-        chunk = jax.tree.map(_for_ticks, *pick(repeat))
+        chunk = jax.tree.map(_for_ticks, *chunk_at(t))  # in the loop: see `_cast_once`
         outputs = constrain(run_stages(chunk, inputs), STAGE_ACT, mesh)
         return (jnp.roll(outputs, 1, axis=0), store), None
 
+    def segment(carry, start: int, stop: int, chunk_at):
+        if stop <= start:
+            return carry
+        carry, _ = jax.lax.scan(functools.partial(tick, chunk_at), carry, jnp.arange(start, stop))
+        return carry
+
+    # At tick t stage s runs chunk (t - s) // M (clipped to [0, R)). The ticks where every stage runs the same
+    # chunk r form one scan whose chunk is fixed: sliced once, before it, and kept once for the backward pass,
+    # whose weight gradients sum in the scan's carry (a `Precast`'s straight into its fp32 GEMM output). Only
+    # the P - 1 ticks after each chunk boundary, where stages s <= t - r M have moved on to chunk r and the
+    # later ones are still on r - 1, pick each stage's chunk with a select. (One scan whose ticks gathered
+    # each stage's chunk kept a copy of the weights per tick, and summed their gradients by scatter.)
     inputs = constrain(jnp.zeros((P, *xs.shape[1:]), xs.dtype), STAGE_ACT, mesh)
     store = constrain(jnp.zeros((P, *xs.shape), xs.dtype), store_axes, mesh)
+    carry = (inputs, store)
     ticks = R * M + P - 1  # the forward loop (also 1F1B's forward-only uses, whose own loop is longer)
-    (inputs, store), _ = jax.lax.scan(tick, (inputs, store), jnp.arange(ticks))
+    for r in range(R):
+        fixed = chunk_of(r)
+        if r > 0:
+            before = chunk_of(r - 1)
+
+            def mixed(t, fixed=fixed, before=before, boundary=r * M):
+                moved = slot <= t - boundary  # the stages already on chunk r
+
+                def pick(a, b):
+                    return jnp.where(moved.reshape((P,) + (1,) * (a.ndim - 1)), a, b)
+
+                return jax.tree.map(pick, fixed, before)
+
+            carry = segment(carry, r * M, r * M + P - 1, mixed)
+        start = 0 if r == 0 else r * M + P - 1
+        stop = ticks if r == R - 1 else (r + 1) * M
+        carry = segment(carry, start, stop, lambda t, fixed=fixed: fixed)
+    inputs, store = carry
     store = record(store, inputs, ticks)  # the last tick's output
     return merge_microbatches(store[0], mesh, ("act_batch", "act_seq", "act_embed"))
