@@ -266,6 +266,30 @@ def test_1f1b_memory_grows_with_the_stages_not_the_microbatches():
     assert gpipe[1] > 1.5 * gpipe[0] and one_f_one_b[2] < 0.6 * gpipe[1], (gpipe, one_f_one_b)
 
 
+def test_the_circular_loop_keeps_its_chunks_once_not_per_tick():
+    """The circular loop closes each run of ticks over one chunk per stage, so autodiff keeps the chunk's
+    weights once, as GPipe does; a loop that picked each stage's chunk per tick kept a copy per tick (9
+    here). Weights large against the activations (D=256, 2 sequences of 16 tokens per microbatch): the
+    circular step's compiled temporaries stay within 10% of GPipe's (1.04x measured; the per-tick loop
+    measured 1.68x)."""
+    model = ModelConfig(family="llama", n_layers=4, d_model=256, n_heads=4, n_kv_heads=2, d_ff=1024, vocab_size=256)
+
+    def temporaries(schedule, repeats):
+        cfg = Config(
+            model=model,
+            mesh=MeshConfig(pipeline=2, fsdp=1),
+            data=DataConfig(source="synthetic"),
+            train=TrainConfig(batch_size=8, seq_len=16),
+            pipeline=PipelineConfig(schedule=schedule, microbatches=4, repeats=repeats),
+        )
+        run = build(cfg, devices=jax.devices()[:2], abstract=True)
+        batch = jax.ShapeDtypeStruct((8, 17), jnp.int32, sharding=run.batch_sharding)
+        return run.train_step.lower(run.state, batch).compile().memory_analysis().temp_size_in_bytes
+
+    gpipe, circular = temporaries("gpipe", 1), temporaries("circular", 2)
+    assert circular < 1.1 * gpipe, (circular, gpipe)
+
+
 def test_plan_stages_and_bubble():
     gpipe = Plan(stages=4, microbatches=8, repeats=1, schedule="gpipe")
     assert gpipe.ticks == 11 and gpipe.bubble == pytest.approx(3 / 11)
