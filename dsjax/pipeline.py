@@ -5,7 +5,8 @@ chunk k runs on stage k mod P, so stage s holds chunks s, s + P, ..., s + (R - 1
 chunk of L / P layers per stage). The global batch is split into M microbatches with the same strided
 split as gradient accumulation (`dsjax.step.microbatches`).
 
-The schedule is one SPMD loop of R * M + P - 1 ticks, written for GSPMD (no hand-written collectives):
+The schedule is one SPMD loop of R * M + P - 1 ticks (for the circular schedule, run as 2R - 1 scans: see
+`_run`), written for GSPMD (no hand-written collectives):
 a buffer of P stage inputs, sharded over the pipeline axis, goes through `vmap(stage)` (each device runs
 its own stage on its own slot), then rolls by one slot, which XLA lowers to a collective permute between
 neighbouring stages. At tick t stage s works on item t - s: microbatch (t - s) mod M in repeat

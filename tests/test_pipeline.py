@@ -239,6 +239,21 @@ def test_the_pipelined_train_step_with_remat_and_gradient_accumulation_matches_s
     assert_trees_close(params, ref_params, rtol=1e-5, atol=1e-5)
 
 
+def temporaries(model: ModelConfig, seq_len: int, pipeline_config: PipelineConfig) -> int:
+    """Compiled temporaries (bytes per device) of the train step on P=2 stages, 2 sequences per microbatch."""
+    batch_size = 2 * pipeline_config.microbatches
+    cfg = Config(
+        model=model,
+        mesh=MeshConfig(pipeline=2, fsdp=1),
+        data=DataConfig(source="synthetic"),
+        train=TrainConfig(batch_size=batch_size, seq_len=seq_len),
+        pipeline=pipeline_config,
+    )
+    run = build(cfg, devices=jax.devices()[:2], abstract=True)
+    batch = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32, sharding=run.batch_sharding)
+    return run.train_step.lower(run.state, batch).compile().memory_analysis().temp_size_in_bytes
+
+
 def test_1f1b_memory_grows_with_the_stages_not_the_microbatches():
     """Compiled temporaries of the train step at a fixed microbatch (2 sequences of 64 tokens) for M = P,
     2P and 4P at P = 2 (experiments/RESULTS.md has P = 4 too): GPipe keeps the activations of all
@@ -247,21 +262,8 @@ def test_1f1b_memory_grows_with_the_stages_not_the_microbatches():
     token). At M = P, 1F1B's middle loop has one tick, which
     XLA inlines, and its temporaries come out higher than at 2P; they do not grow after that."""
     model = ModelConfig(family="llama", n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=256)
-
-    def temporaries(schedule, M):
-        cfg = Config(
-            model=model,
-            mesh=MeshConfig(pipeline=2, fsdp=1),
-            data=DataConfig(source="synthetic"),
-            train=TrainConfig(batch_size=2 * M, seq_len=64),
-            pipeline=PipelineConfig(schedule=schedule, microbatches=M),
-        )
-        run = build(cfg, devices=jax.devices()[:2], abstract=True)
-        batch = jax.ShapeDtypeStruct((2 * M, 65), jnp.int32, sharding=run.batch_sharding)
-        return run.train_step.lower(run.state, batch).compile().memory_analysis().temp_size_in_bytes
-
-    one_f_one_b = [temporaries("1f1b", M) for M in (2, 4, 8)]
-    gpipe = [temporaries("gpipe", M) for M in (2, 8)]
+    one_f_one_b = [temporaries(model, 64, PipelineConfig(schedule="1f1b", microbatches=M)) for M in (2, 4, 8)]
+    gpipe = [temporaries(model, 64, PipelineConfig(schedule="gpipe", microbatches=M)) for M in (2, 8)]
     assert one_f_one_b[2] <= 1.02 * min(one_f_one_b[:2]), one_f_one_b
     assert gpipe[1] > 1.5 * gpipe[0] and one_f_one_b[2] < 0.6 * gpipe[1], (gpipe, one_f_one_b)
 
@@ -273,20 +275,8 @@ def test_the_circular_loop_keeps_its_chunks_once_not_per_tick():
     circular step's compiled temporaries stay within 10% of GPipe's (1.04x measured; the per-tick loop
     measured 1.68x)."""
     model = ModelConfig(family="llama", n_layers=4, d_model=256, n_heads=4, n_kv_heads=2, d_ff=1024, vocab_size=256)
-
-    def temporaries(schedule, repeats):
-        cfg = Config(
-            model=model,
-            mesh=MeshConfig(pipeline=2, fsdp=1),
-            data=DataConfig(source="synthetic"),
-            train=TrainConfig(batch_size=8, seq_len=16),
-            pipeline=PipelineConfig(schedule=schedule, microbatches=4, repeats=repeats),
-        )
-        run = build(cfg, devices=jax.devices()[:2], abstract=True)
-        batch = jax.ShapeDtypeStruct((8, 17), jnp.int32, sharding=run.batch_sharding)
-        return run.train_step.lower(run.state, batch).compile().memory_analysis().temp_size_in_bytes
-
-    gpipe, circular = temporaries("gpipe", 1), temporaries("circular", 2)
+    gpipe = temporaries(model, 16, PipelineConfig(schedule="gpipe", microbatches=4))
+    circular = temporaries(model, 16, PipelineConfig(schedule="circular", microbatches=4, repeats=2))
     assert circular < 1.1 * gpipe, (circular, gpipe)
 
 
