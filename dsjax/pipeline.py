@@ -253,9 +253,7 @@ def _run(stage, x, stacked, logical, plan, mesh, cast, per_layer):
         outputs = constrain(run_stages(chunk, inputs), STAGE_ACT, mesh)
         return (jnp.roll(outputs, 1, axis=0), store), None
 
-    def segment(carry, start: int, stop: int, chunk_at):
-        if stop <= start:
-            return carry
+    def segment(carry, start: int, stop: int, chunk_at):  # never empty: M >= P wherever R > 1
         carry, _ = jax.lax.scan(functools.partial(tick, chunk_at), carry, jnp.arange(start, stop))
         return carry
 

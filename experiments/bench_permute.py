@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_loss_kernel import timed  # experiments/ is on sys.path when run as a script
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -36,13 +35,7 @@ def main() -> None:
     roll = jax.jit(lambda x: jnp.roll(x, 1, axis=0), out_shardings=split)
     for mib in (int(v) for v in args.mib.split(",")):
         x = jax.device_put(jnp.ones((args.gpus, mib * 2**19), jnp.bfloat16), split)
-        jax.block_until_ready(roll(x))
-        times = []
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(roll(x))
-            times.append(time.perf_counter() - t0)
-        ms = 1e3 * statistics.median(times)
+        ms = timed(roll, x, reps=args.reps)
         row = {"tag": args.tag, "gpus": args.gpus, "device": jax.devices()[0].device_kind, "mib_per_gpu": mib}
         print(json.dumps({**row, "ms": round(ms, 4), "GBps_per_gpu": round(mib * 2**20 / ms / 1e6, 1)}))
 
