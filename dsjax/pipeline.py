@@ -5,8 +5,8 @@ chunk k runs on stage k mod P, so stage s holds chunks s, s + P, ..., s + (R - 1
 chunk of L / P layers per stage). The global batch is split into M microbatches with the same strided
 split as gradient accumulation (`dsjax.step.microbatches`).
 
-The schedule is one SPMD loop of R * M + P - 1 ticks (for the circular schedule, run as 2R - 1 scans: see
-`_run`), written for GSPMD (no hand-written collectives):
+The schedule is one SPMD loop of R * M + P - 1 ticks (straight-line code, or with `Plan.unroll` off scans:
+2R - 1 of them for the circular schedule, see `_run`), written for GSPMD (no hand-written collectives):
 a buffer of P stage inputs, sharded over the pipeline axis, goes through `vmap(stage)` (each device runs
 its own stage on its own slot), then rolls by one slot, which XLA lowers to a collective permute between
 neighbouring stages. At tick t stage s works on item t - s: microbatch (t - s) mod M in repeat
@@ -60,6 +60,11 @@ class Plan:
     microbatches: int
     repeats: int
     schedule: str
+    # GPipe and circular: the ticks as straight-line code (a Python loop) rather than a scan, which stacks
+    # each tick's saved activations (a copy of every saved matmul output) and keeps XLA from scheduling
+    # across ticks. Measured 5% faster (llama-1b, 2 stages); it compiles in proportion to the ticks, and
+    # XLA kept more memory for it (7.9 GiB there): experiments/RESULTS.md, 2026-11-30.
+    unroll: bool = True
 
     @property
     def ticks(self) -> int:
@@ -92,9 +97,10 @@ class Plan:
         stages = "; ".join(
             f"stage {s}: layers " + ", ".join(span(r) for r in chunks) for s, chunks in enumerate(self.chunks(n_layers))
         )
+        loop = "" if self.schedule == "1f1b" else "unrolled " if self.unroll else "scanned "
         return (
             f"pipeline: {self.schedule}, {self.stages} stages x {self.repeats} chunk(s), {self.microbatches} "
-            f"microbatches, {self.ticks} ticks, bubble {100 * self.bubble:.1f}% ({stages})"
+            f"microbatches, {self.ticks} {loop}ticks, bubble {100 * self.bubble:.1f}% ({stages})"
         )
 
 
@@ -143,7 +149,7 @@ def make_plan(config: Config, degrees: dict[str, int]) -> Plan | None:
             f"the circular schedule needs pipeline.microbatches >= mesh.pipeline ({M} < {P}): a microbatch "
             "comes back to stage 0 for its next chunk only after all stages have passed it on."
         )
-    return Plan(stages=P, microbatches=M, repeats=R, schedule=p.schedule)
+    return Plan(stages=P, microbatches=M, repeats=R, schedule=p.schedule, unroll=p.unroll)
 
 
 def run(
@@ -243,26 +249,31 @@ def _run(stage, x, stacked, logical, plan, mesh, cast, per_layer):
     def chunk_of(repeat: int):  # (P, R, ...) -> (P, ...): every stage's chunk `repeat`, and its cast
         return jax.tree.map(lambda a: a[:, repeat], (weights, casts))
 
-    def tick(chunk_at, carry, t):
+    def tick(chunk, carry, t):
         inputs, store = carry  # (P, mb, T, D) stage inputs, (P, M, mb, T, D) last-stage outputs
         store = record(store, inputs, t)
         # stage 0: repeat 0 takes a fresh microbatch, a later repeat the last stage's output of the one before
         first = jnp.where(t < M, xs[t % M][None], store[:, t % M])
         inputs = constrain(jnp.where((slot == 0)[:, None, None, None], first, inputs), STAGE_ACT, mesh)
-        chunk = jax.tree.map(_for_ticks, *chunk_at(t))  # in the loop: see `_cast_once`
+        chunk = jax.tree.map(_for_ticks, *chunk)  # in the loop: see `_cast_once`
         outputs = constrain(run_stages(chunk, inputs), STAGE_ACT, mesh)
         return (jnp.roll(outputs, 1, axis=0), store), None
 
     def segment(carry, start: int, stop: int, chunk_at):  # never empty: M >= P wherever R > 1
-        carry, _ = jax.lax.scan(functools.partial(tick, chunk_at), carry, jnp.arange(start, stop))
+        if plan.unroll:  # straight-line ticks: see `Plan.unroll`
+            for t in range(start, stop):
+                carry, _ = tick(chunk_at(t), carry, t)
+            return carry
+        carry, _ = jax.lax.scan(lambda c, t: tick(chunk_at(t), c, t), carry, jnp.arange(start, stop))
         return carry
 
     # At tick t stage s runs chunk (t - s) // M (clipped to [0, R)). The ticks where every stage runs the same
-    # chunk r form one scan whose chunk is fixed: sliced once, before it, and kept once for the backward pass,
-    # whose weight gradients sum in the scan's carry (a `Precast`'s straight into its fp32 GEMM output). Only
-    # the P - 1 ticks after each chunk boundary, where stages s <= t - r M have moved on to chunk r and the
-    # later ones are still on r - 1, pick each stage's chunk with a select. (One scan whose ticks gathered
-    # each stage's chunk kept a copy of the weights per tick, and summed their gradients by scatter.)
+    # chunk r form one segment (a scan, or straight-line ticks) whose chunk is fixed: sliced once, before it,
+    # and kept once for the backward pass, whose weight gradients sum over its ticks (in a scan's carry; a
+    # `Precast`'s straight into its fp32 GEMM output). Only the P - 1 ticks after each chunk boundary, where
+    # stages s <= t - r M have moved on to chunk r and the later ones are still on r - 1, pick each stage's
+    # chunk with a select. (One scan whose ticks gathered each stage's chunk kept a copy of the weights per
+    # tick, and summed their gradients by scatter.)
     inputs = constrain(jnp.zeros((P, *xs.shape[1:]), xs.dtype), STAGE_ACT, mesh)
     store = constrain(jnp.zeros((P, *xs.shape), xs.dtype), store_axes, mesh)
     carry = (inputs, store)

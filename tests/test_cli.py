@@ -323,9 +323,15 @@ def test_short_training_run(capsys, tmp_path):
 
 def test_dry_run_reports_the_pipeline_schedule(capsys):
     argv = ["--dry-run", "--mesh.pipeline=2", "--mesh.fsdp=4", "--pipeline.schedule=circular"]
-    code, out, err = run_main(capsys, *argv, "--pipeline.repeats=2", "--pipeline.microbatches=4")
+    argv += ["--pipeline.repeats=2", "--pipeline.microbatches=4", "--train.memory_budget_gb=0.0001"]
+    code, out, err = run_main(capsys, *argv)
     assert code == 0, err
     # tiny: 4 layers; stage 0 runs chunks 0 and 2, stage 1 chunks 1 and 3; bubble (P-1)/(R*M+P-1) = 1/9
-    assert "pipeline: circular, 2 stages x 2 chunk(s), 4 microbatches, 9 ticks, bubble 11.1% " in out
+    assert "pipeline: circular, 2 stages x 2 chunk(s), 4 microbatches, 9 unrolled ticks, bubble 11.1% " in out
     assert "(stage 0: layers 0, 2; stage 1: layers 1, 3)" in out
     assert "per-device memory:" in out and "step total" in out
+    assert "preflight: a real run would stop here" in out and "--pipeline.unroll=false" in out
+    code, out, err = run_main(capsys, *argv, "--pipeline.unroll=false")
+    assert code == 0, err
+    assert "4 microbatches, 9 scanned ticks, bubble 11.1% " in out
+    assert "preflight: a real run would stop here" in out and "--pipeline.unroll=false" not in out
