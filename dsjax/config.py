@@ -279,7 +279,7 @@ class PipelineConfig:
     schedule: str = doc("gpipe", "with mesh.pipeline > 1: gpipe, circular or 1f1b (memory bounded by the stages)")
     microbatches: int = doc(0, "microbatches the global batch is split into (0: one per stage)")
     repeats: int = doc(1, "circular: layer chunks per stage (the bubble shrinks to (P-1)/(R*M+P-1))")
-    unroll: bool = doc(True, "gpipe, circular: ticks as straight-line code (faster), false: a scan (compiles faster)")
+    unroll: bool = doc(True, "gpipe, circular: ticks as straight-line code (faster, more memory); false: scans")
 
     def __post_init__(self):
         _require(

@@ -60,10 +60,11 @@ class Plan:
     microbatches: int
     repeats: int
     schedule: str
-    # GPipe and circular: the ticks as straight-line code (a Python loop) rather than a scan, which stacks
-    # each tick's saved activations (a copy of every saved matmul output) and keeps XLA from scheduling
-    # across ticks. Measured 5% faster (llama-1b, 2 stages); it compiles in proportion to the ticks, and
-    # XLA kept more memory for it (7.9 GiB there): experiments/RESULTS.md, 2026-11-30.
+    # GPipe and circular: the ticks as straight-line code (a Python loop) rather than a scan. A scan stacks
+    # each tick's saved activations over the ticks (the optimized HLO copies saved matmul outputs into the
+    # stacks) and is one loop body to XLA's scheduler. Straight-line circular measured 5% faster (llama-1b,
+    # 2 stages) and took 7.9 GiB more; it compiles in proportion to the ticks (experiments/RESULTS.md,
+    # 2026-11-30).
     unroll: bool = True
 
     @property
@@ -102,6 +103,12 @@ class Plan:
             f"pipeline: {self.schedule}, {self.stages} stages x {self.repeats} chunk(s), {self.microbatches} "
             f"microbatches, {self.ticks} {loop}ticks, bubble {100 * self.bubble:.1f}% ({stages})"
         )
+
+
+def unrolls(p) -> bool:
+    """Whether a plan for PipelineConfig `p` unrolls its ticks: GPipe and circular as `pipeline.unroll` says;
+    1F1B's forward-only uses of the GPipe loop (evaluation, a custom objective) keep the scans."""
+    return p.unroll and p.schedule != "1f1b"
 
 
 def make_plan(config: Config, degrees: dict[str, int]) -> Plan | None:
@@ -149,7 +156,7 @@ def make_plan(config: Config, degrees: dict[str, int]) -> Plan | None:
             f"the circular schedule needs pipeline.microbatches >= mesh.pipeline ({M} < {P}): a microbatch "
             "comes back to stage 0 for its next chunk only after all stages have passed it on."
         )
-    return Plan(stages=P, microbatches=M, repeats=R, schedule=p.schedule, unroll=p.unroll)
+    return Plan(stages=P, microbatches=M, repeats=R, schedule=p.schedule, unroll=unrolls(p))
 
 
 def run(
@@ -269,11 +276,11 @@ def _run(stage, x, stacked, logical, plan, mesh, cast, per_layer):
 
     # At tick t stage s runs chunk (t - s) // M (clipped to [0, R)). The ticks where every stage runs the same
     # chunk r form one segment (a scan, or straight-line ticks) whose chunk is fixed: sliced once, before it,
-    # and kept once for the backward pass, whose weight gradients sum over its ticks (in a scan's carry; a
-    # `Precast`'s straight into its fp32 GEMM output). Only the P - 1 ticks after each chunk boundary, where
-    # stages s <= t - r M have moved on to chunk r and the later ones are still on r - 1, pick each stage's
-    # chunk with a select. (One scan whose ticks gathered each stage's chunk kept a copy of the weights per
-    # tick, and summed their gradients by scatter.)
+    # and kept once for the backward pass, whose weight gradients sum over its ticks (in a scan, in its carry,
+    # a `Precast`'s straight into its fp32 GEMM output; unrolled, as autodiff's sum over the uses). Only the
+    # P - 1 ticks after each chunk boundary, where stages s <= t - r M have moved on to chunk r and the later
+    # ones are still on r - 1, pick each stage's chunk with a select. (One scan whose ticks gathered each
+    # stage's chunk kept a copy of the weights per tick, and summed their gradients by scatter.)
     inputs = constrain(jnp.zeros((P, *xs.shape[1:]), xs.dtype), STAGE_ACT, mesh)
     store = constrain(jnp.zeros((P, *xs.shape), xs.dtype), store_axes, mesh)
     carry = (inputs, store)

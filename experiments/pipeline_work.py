@@ -17,6 +17,7 @@ of which the first P run only forward passes and the last P only backward passes
 ticks; before those phases were split off, all M + 2P - 1 were full ticks) and GPipe, (R M + P - 1) / (R M)
 for circular; what exceeds it is the loop's own overhead (recompute, the LM head and loss per tick, copies).
 
+GPipe and circular run their ticks unrolled (the default, `pipeline.unroll`) or with --scanned as scans.
 Compilation and --warmup calls are excluded; --steps calls are timed with one block at the end. It also
 reports XLA's compiled temporaries. The call signature of value_and_grad_1f1b is the same at every
 commit since 1F1B existed, so older code can be timed by putting it first on PYTHONPATH (`pipeline.run`
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="chunks per stage for the circular schedule")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--label", default="", help="a tag copied into every line (e.g. the commit)")
+    parser.add_argument("--scanned", action="store_true", help="GPipe and circular ticks as scans (pipeline.unroll)")
     args = parser.parse_args()
 
     from dsjax import xla_flags
@@ -110,7 +112,8 @@ def main() -> None:
         for spec in args.plans.split(","):
             P, M = (int(v) for v in spec.split("x"))
             R = args.repeats if schedule == "circular" else 1
-            plan = Plan(stages=P, microbatches=M, repeats=R, schedule=schedule)
+            loop_kind = {"unroll": not args.scanned} if "unroll" in Plan.__dataclass_fields__ else {}
+            plan = Plan(stages=P, microbatches=M, repeats=R, schedule=schedule, **loop_kind)
             if schedule == "1f1b":
                 fn = lambda p, b, plan=plan: value_and_grad_1f1b(run.graphdef, p, b, run.mesh, plan, one)  # noqa: E731
             else:
@@ -120,6 +123,8 @@ def main() -> None:
             del grads
             ideal = plain["ms"] / (1 - plan.bubble)
             loop = f"{schedule} P={P} M={M}" + (f" R={R}" if R > 1 else "")
+            if loop_kind and schedule != "1f1b":
+                loop += " unrolled" if plan.unroll else " scanned"
             print(json.dumps({**base, "loop": loop, **result, "ideal_ms": round(ideal, 2)}), flush=True)
 
 

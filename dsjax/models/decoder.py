@@ -137,7 +137,9 @@ class Decoder(nnx.Module):
         shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
         if batch % (micro * shards):
             return None
-        return pipeline.Plan(stages=stages, microbatches=micro, repeats=p.repeats, schedule=p.schedule, unroll=p.unroll)
+        return pipeline.Plan(
+            stages=stages, microbatches=micro, repeats=p.repeats, schedule=p.schedule, unroll=pipeline.unrolls(p)
+        )
 
     def head(self) -> jax.Array:
         """The LM head matrix: (V, D) when tied to the embedding, else (D, V)."""
