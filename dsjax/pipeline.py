@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax import sharding
-from dsjax.config import Config, ConfigError
+from dsjax.config import Config, ConfigError, PipelineConfig
 from dsjax.sharding import constrain
 
 STAGE_ACT = ("stage", "act_batch", "act_seq", "act_embed")
@@ -105,7 +105,7 @@ class Plan:
         )
 
 
-def unrolls(p) -> bool:
+def unrolls(p: PipelineConfig) -> bool:
     """Whether a plan for PipelineConfig `p` unrolls its ticks: GPipe and circular as `pipeline.unroll` says;
     1F1B's forward-only uses of the GPipe loop (evaluation, a custom objective) keep the scans."""
     return p.unroll and p.schedule != "1f1b"
