@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import Config, ConfigError
+from dsjax.pipeline import Plan
 
 GIB = 2**30
 
@@ -70,7 +71,7 @@ def preflight(config: Config, mem, device: jax.Device, degrees: dict[str, int]) 
             "--train.loss_chunk=N to run the LM head and loss over N positions at a time (fp32 logits "
             "of a large vocabulary are often the largest activation; about 7% slower when measured)"
         )
-    if degrees["pipeline"] > 1 and config.pipeline.schedule != "1f1b" and config.pipeline.unroll:
+    if degrees["pipeline"] > 1 and Plan.of(config.pipeline, degrees["pipeline"]).unroll:
         knobs.append(
             "--pipeline.unroll=false to run the pipeline's ticks as scans (llama-1b on 2 stages, batch 32, "
             "measured: circular 7.9 GiB less and 5% slower, GPipe 9.1 GiB less), or --pipeline.schedule=1f1b"

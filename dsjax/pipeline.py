@@ -67,6 +67,14 @@ class Plan:
     # 2026-11-30).
     unroll: bool = True
 
+    @classmethod
+    def of(cls, p: PipelineConfig, stages: int) -> Plan:
+        """The plan `p` (the run's `pipeline` config) asks for on `stages` stages, unchecked (`make_plan`
+        checks it): M defaults to one microbatch per stage, and 1F1B's forward-only uses of the GPipe loop
+        (evaluation, a custom objective) keep the scans."""
+        unroll = p.unroll and p.schedule != "1f1b"
+        return cls(stages, p.microbatches or stages, p.repeats, p.schedule, unroll)
+
     @property
     def ticks(self) -> int:
         if self.schedule == "1f1b":  # P forward-only ticks, M - 1 ticks of both, P backward-only ticks
@@ -103,12 +111,6 @@ class Plan:
             f"pipeline: {self.schedule}, {self.stages} stages x {self.repeats} chunk(s), {self.microbatches} "
             f"microbatches, {self.ticks} {loop}ticks, bubble {100 * self.bubble:.1f}% ({stages})"
         )
-
-
-def unrolls(p: PipelineConfig) -> bool:
-    """Whether a plan for PipelineConfig `p` unrolls its ticks: GPipe and circular as `pipeline.unroll` says;
-    1F1B's forward-only uses of the GPipe loop (evaluation, a custom objective) keep the scans."""
-    return p.unroll and p.schedule != "1f1b"
 
 
 def make_plan(config: Config, degrees: dict[str, int]) -> Plan | None:
@@ -156,7 +158,7 @@ def make_plan(config: Config, degrees: dict[str, int]) -> Plan | None:
             f"the circular schedule needs pipeline.microbatches >= mesh.pipeline ({M} < {P}): a microbatch "
             "comes back to stage 0 for its next chunk only after all stages have passed it on."
         )
-    return Plan(stages=P, microbatches=M, repeats=R, schedule=p.schedule, unroll=unrolls(p))
+    return Plan.of(p, P)
 
 
 def run(

@@ -132,14 +132,9 @@ class Decoder(nnx.Module):
         stages = 1 if mesh is None else mesh.shape.get("pipeline", 1)
         if stages == 1:
             return None
-        p = self.pipeline
-        micro = p.microbatches or stages
+        plan = pipeline.Plan.of(self.pipeline, stages)
         shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-        if batch % (micro * shards):
-            return None
-        return pipeline.Plan(
-            stages=stages, microbatches=micro, repeats=p.repeats, schedule=p.schedule, unroll=pipeline.unrolls(p)
-        )
+        return None if batch % (plan.microbatches * shards) else plan
 
     def head(self) -> jax.Array:
         """The LM head matrix: (V, D) when tied to the embedding, else (D, V)."""
