@@ -123,6 +123,44 @@ def test_preflight_stops_a_run_that_does_not_fit(capsys, tmp_path):
     assert "preflight: a real run would stop here" in capsys.readouterr().out
 
 
+class _FakeDevice:
+    """A device as `memory.preflight` sees one: a platform, a kind and the allocator's limit."""
+
+    def __init__(self, platform: str, limit: int | None):
+        self.platform, self.device_kind, self._limit = platform, f"fake {platform}", limit
+
+    def memory_stats(self):
+        return None if self._limit is None else {"bytes_limit": self._limit}
+
+
+def test_a_budget_below_the_gpu_names_the_schedulers_memory_limit():
+    from types import SimpleNamespace
+
+    from dsjax import memory
+
+    gib = memory.GIB
+    mem = SimpleNamespace(
+        argument_size_in_bytes=8 * gib,
+        output_size_in_bytes=8 * gib,
+        alias_size_in_bytes=8 * gib,
+        temp_size_in_bytes=64 * gib,
+    )  # 72 GiB in all
+    degrees = {"data": 1, "fsdp": 1, "tensor": 1, "pipeline": 1}
+    config = Config(train=TrainConfig(memory_budget_gb=60))
+    with pytest.raises(ConfigError) as err:
+        memory.preflight(config, mem, _FakeDevice("gpu", 120 * gib), degrees)
+    # 95 x 60 / 120: XLA's scheduler plans against 120 GiB unless told otherwise
+    assert "--xla_gpu_memory_limit_slop_factor=47 " in str(err.value) and "120.00 GiB" in str(err.value)
+    for device in (_FakeDevice("cpu", 120 * gib), _FakeDevice("gpu", None)):  # no GPU allocator: no such knob
+        with pytest.raises(ConfigError) as err:
+            memory.preflight(config, mem, device, degrees)
+        assert "slop_factor" not in str(err.value) and "--train.batch_size" in str(err.value)
+    with pytest.raises(ConfigError) as err:  # the device's own limit: the scheduler already plans against it
+        memory.preflight(Config(), mem, _FakeDevice("gpu", 60 * gib), degrees)
+    assert "slop_factor" not in str(err.value) and "the JAX allocator's limit on fake gpu" in str(err.value)
+    memory.preflight(Config(train=TrainConfig(memory_budget_gb=80)), mem, _FakeDevice("gpu", 120 * gib), degrees)
+
+
 def test_remat_dtype_is_unchanged():
     fn, params = grad_fn("full", 2)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(fn(params, BATCH)))
