@@ -9,6 +9,7 @@ fit stops with numbers instead of dying later with an out-of-memory error.
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,31 @@ def budget(config: Config, device: jax.Device) -> tuple[int | None, str]:
     return device_limit(device), f"the JAX allocator's limit on {device.device_kind}"
 
 
+def _scheduler_knob(budget_bytes: int, device: jax.Device, mem) -> str | None:
+    """The XLA_FLAGS setting that has XLA's GPU scheduler plan for `budget_bytes` rather than the allocator's
+    whole limit, or None where it would not apply (not a GPU, no allocator limit, a budget at or above it, a
+    budget below the step's own arguments and outputs, or a slop factor already in XLA_FLAGS).
+
+    XLA's latency-hiding scheduler plans the step's temporaries against (allocator limit - arguments and
+    outputs) x slop factor / 100 (95 by default) and spends what it sees free on overlapping work: unrolled
+    GPipe, llama-1b on 2 H200s at batch 32, compiled to 72.4 GiB at 95, 66.2 GiB at 50 (0.7-1.0% slower) and
+    67.7 GiB with the allocator itself limited to 71.7 GiB (experiments/RESULTS.md, 2026-11-30). The factor
+    named here gives the limit the scheduler would take if the allocator's limit were the budget."""
+    allocator = device_limit(device) if device.platform == "gpu" else None
+    io = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    if not allocator or budget_bytes >= allocator or budget_bytes <= io:
+        return None
+    if "xla_gpu_memory_limit_slop_factor" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    slop = max(1, int(95 * (budget_bytes - io) / (allocator - io)))
+    return (
+        f"XLA_FLAGS=--xla_gpu_memory_limit_slop_factor={slop} in the environment (XLA's default is 95), so that "
+        f"XLA's scheduler plans for this budget rather than the allocator's {fmt_bytes(allocator)}, which it "
+        "otherwise fills to overlap work (unrolled GPipe on 2 H200s: 72.4 GiB at 95, 66.2 GiB at 50 and about 1% "
+        "slower, and not yet run together with a budget)"
+    )
+
+
 def preflight(config: Config, mem, device: jax.Device, degrees: dict[str, int]) -> None:
     """Raise ConfigError when the compiled step needs more than the budget, naming the knobs that help."""
     limit, source = budget(config, device)
@@ -77,19 +103,12 @@ def preflight(config: Config, mem, device: jax.Device, degrees: dict[str, int]) 
             "GPipe 63.3 instead of 72.4 GiB and 5-7% slower, circular 62.9 instead of 70.8 GiB and 5% slower), or "
             "--pipeline.schedule=1f1b"
         )
-    device_max = device_limit(device) if device.platform == "gpu" else None
-    if source == "train.memory_budget_gb" and device_max and limit < device_max:
-        slop = max(1, int(95 * limit / device_max))
-        knobs.append(
-            f"XLA_FLAGS=--xla_gpu_memory_limit_slop_factor={slop} (XLA's default is 95): XLA's scheduler plans "
-            f"against the allocator's {fmt_bytes(device_max)}, not this budget, and spends memory it sees free on "
-            "overlapping work; this scales its limit down to the budget (unrolled GPipe, llama-1b on 2 H200s, "
-            "batch 32: 72.4 GiB at 95, 66.2 GiB at 50 and 0.8% slower)"
-        )
+    if source == "train.memory_budget_gb" and (knob := _scheduler_knob(limit, device, mem)):
+        knobs.append(knob)
     if config.precision.policy == "fp32":
         knobs.append("--precision.policy=bf16 (half-size activations)")
     if source != "train.memory_budget_gb":
-        knobs.append("a larger XLA_PYTHON_CLIENT_MEM_FRACTION (JAX preallocates 75% of a GPU by default)")
+        knobs.append("a larger XLA_PYTHON_CLIENT_MEM_FRACTION (dsjax sets 0.9 where it is unset)")
     raise ConfigError(
         f"the compiled train step needs {fmt_bytes(need)} per device (arguments "
         f"{fmt_bytes(mem.argument_size_in_bytes)} + outputs {fmt_bytes(mem.output_size_in_bytes)} - donated "

@@ -32,9 +32,11 @@ import jaxlib
 #   --xla_gpu_unsupported_enable_triton_multi_output_fusion=true   gpt2-124m batch 32 0.9%, 1.7% slower, same (H200)
 #   --xla_gpu_use_memcpy_local_p2p=true           llama-1b pipeline 2 batch 32: circular 1.0% faster, 1F1B
 #     0.1%, within machine noise (2x H200, 2026-11-29)
-#   --xla_gpu_triton_gemm_any=true                gpt2-124m batch 32, bf16 and fp16, within 0.3% (H200, 2026-11-30)
+#   --xla_gpu_triton_gemm_any=true                gpt2-124m batch 32, bf16 and fp16: means within 0.3% (H200,
+#     2026-11-30)
 #   --xla_gpu_memory_limit_slop_factor=50         llama-1b pipeline 2 batch 32 unrolled: 4.6-6.3 GiB less, 0.7-1.3%
 #     slower (2x H200, 2026-11-30); the memory preflight names it when train.memory_budget_gb is below the GPU
+#     allocator's limit
 # Parsed by jaxlib 0.11.2 but not measured: the pipelined all-gather / reduce-scatter / all-reduce
 # switches, the all-gather and reduce-scatter combine thresholds, while-loop double buffering, the
 # highest-priority async stream and command buffers. Removed by 0.11 (an abort if set):

@@ -133,32 +133,43 @@ class _FakeDevice:
         return None if self._limit is None else {"bytes_limit": self._limit}
 
 
-def test_a_budget_below_the_gpu_names_the_schedulers_memory_limit():
+def test_a_budget_below_the_gpu_names_the_schedulers_memory_limit(monkeypatch):
     from types import SimpleNamespace
 
     from dsjax import memory
 
     gib = memory.GIB
-    mem = SimpleNamespace(
-        argument_size_in_bytes=8 * gib,
-        output_size_in_bytes=8 * gib,
-        alias_size_in_bytes=8 * gib,
-        temp_size_in_bytes=64 * gib,
-    )  # 72 GiB in all
-    degrees = {"data": 1, "fsdp": 1, "tensor": 1, "pipeline": 1}
-    config = Config(train=TrainConfig(memory_budget_gb=60))
-    with pytest.raises(ConfigError) as err:
-        memory.preflight(config, mem, _FakeDevice("gpu", 120 * gib), degrees)
-    # 95 x 60 / 120: XLA's scheduler plans against 120 GiB unless told otherwise
-    assert "--xla_gpu_memory_limit_slop_factor=47 " in str(err.value) and "120.00 GiB" in str(err.value)
-    for device in (_FakeDevice("cpu", 120 * gib), _FakeDevice("gpu", None)):  # no GPU allocator: no such knob
+
+    def step(temporaries_gib):  # 8 GiB of arguments and outputs (donated: counted once)
+        return SimpleNamespace(
+            argument_size_in_bytes=8 * gib,
+            output_size_in_bytes=8 * gib,
+            alias_size_in_bytes=8 * gib,
+            temp_size_in_bytes=temporaries_gib * gib,
+        )
+
+    def advice(budget_gb, device, temporaries_gib=64):
+        config = Config(train=TrainConfig(memory_budget_gb=budget_gb))
         with pytest.raises(ConfigError) as err:
-            memory.preflight(config, mem, device, degrees)
-        assert "slop_factor" not in str(err.value) and "--train.batch_size" in str(err.value)
-    with pytest.raises(ConfigError) as err:  # the device's own limit: the scheduler already plans against it
-        memory.preflight(Config(), mem, _FakeDevice("gpu", 60 * gib), degrees)
+            memory.preflight(config, step(temporaries_gib), device, {"data": 1, "fsdp": 1, "tensor": 1, "pipeline": 1})
+        assert "--train.batch_size" in str(err.value)
+        return str(err.value)
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    gpu = _FakeDevice("gpu", 120 * gib)
+    # 95 x (60 - 8) / (120 - 8) = 44.1: the limit XLA's scheduler would take from a 60 GiB allocator
+    assert "--xla_gpu_memory_limit_slop_factor=44 " in advice(60, gpu) and "120.00 GiB" in advice(60, gpu)
+    for device in (_FakeDevice("tpu", 120 * gib), _FakeDevice("gpu", None)):  # no GPU allocator: no such knob
+        assert "slop_factor" not in advice(60, device)
+    assert "slop_factor" not in advice(130, gpu, temporaries_gib=132)  # a budget above the allocator's limit
+    assert "slop_factor" not in advice(6, gpu)  # below the step's own arguments: no factor helps
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_memory_limit_slop_factor=80")  # the user chose one already
+    assert "slop_factor" not in advice(60, gpu)
+    monkeypatch.delenv("XLA_FLAGS")
+    with pytest.raises(ConfigError) as err:  # the allocator's own limit: the scheduler already plans against it
+        memory.preflight(Config(), step(64), _FakeDevice("gpu", 60 * gib), {"fsdp": 1, "pipeline": 1})
     assert "slop_factor" not in str(err.value) and "the JAX allocator's limit on fake gpu" in str(err.value)
-    memory.preflight(Config(train=TrainConfig(memory_budget_gb=80)), mem, _FakeDevice("gpu", 120 * gib), degrees)
+    memory.preflight(Config(train=TrainConfig(memory_budget_gb=80)), step(64), gpu, {"fsdp": 1, "pipeline": 1})
 
 
 def test_remat_dtype_is_unchanged():
