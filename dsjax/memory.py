@@ -103,7 +103,7 @@ def preflight(config: Config, mem, device: jax.Device, degrees: dict[str, int]) 
             "GPipe 63.3 instead of 72.4 GiB and 5-7% slower, circular 62.9 instead of 70.8 GiB and 5% slower), or "
             "--pipeline.schedule=1f1b"
         )
-    if source == "train.memory_budget_gb" and (knob := _scheduler_knob(limit, device, mem)):
+    if knob := _scheduler_knob(limit, device, mem):  # None where the budget is the allocator's own limit
         knobs.append(knob)
     if config.precision.policy == "fp32":
         knobs.append("--precision.policy=bf16 (half-size activations)")

@@ -62,9 +62,9 @@ class Plan:
     schedule: str
     # GPipe and circular: the ticks as straight-line code (a Python loop) rather than a scan. A scan stacks
     # each tick's saved activations over the ticks (the optimized HLO copies saved matmul outputs into the
-    # stacks) and is one loop body to XLA's scheduler. Straight-line circular measured 5% faster (llama-1b,
-    # 2 stages) and took 7.9 GiB more; it compiles in proportion to the ticks (experiments/RESULTS.md,
-    # 2026-11-30).
+    # stacks) and is one loop body to XLA's scheduler. Straight-line GPipe and circular measured 5-7% faster
+    # (llama-1b, 2 stages) and took 8-9 GiB more, most of it memory XLA's scheduler takes where the allocator
+    # has room; it compiles in proportion to the ticks (experiments/RESULTS.md, 2026-11-30).
     unroll: bool = True
 
     @classmethod
