@@ -2,8 +2,9 @@
 
 Usage: python experiments/plot_mfu_batch.py RESULTS.jsonl [...] --out=experiments/mfu_vs_batch.png
 
-Uses the bf16 rows of single-device runs without config overrides other than the batch size (the
-presets' defaults) and errorless; when a batch appears more than once, the median MFU is plotted.
+Uses the rows of single-device runs with bf16 compute and no config overrides other than the batch size and
+the precision policy, errorless, and run with no XLA flag beyond those dsjax sets (dsjax.xla_flags.FLAGS);
+when a batch appears more than once, the median MFU is plotted.
 Needs matplotlib (not a dsjax dependency).
 """
 
@@ -12,12 +13,21 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import statistics
 
 import matplotlib
 
 matplotlib.use("Agg")
+import jax.numpy as jnp
 import matplotlib.pyplot as plt
+
+from dsjax import xla_flags
+from dsjax.precision import parse_policy
+
+
+def bf16_compute(policy: str) -> bool:
+    return parse_policy(policy).compute == jnp.bfloat16
 
 
 def main() -> None:
@@ -27,12 +37,14 @@ def main() -> None:
     args = parser.parse_args()
     points: dict[str, dict[int, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     devices = set()
+    dsjax_flags = {name for flags in xla_flags.FLAGS.values() for name in flags}
     for path in args.results:
         with open(path) as f:
             rows = [json.loads(line) for line in f]
         for r in rows:
             extra = set(r.get("overrides", {})) - {"train.batch_size", "precision.policy"}
-            if r.get("error") or r.get("n_devices") != 1 or r.get("precision") != "bf16" or extra:
+            foreign = set(re.findall(r"--(\w+)", r.get("xla_flags", ""))) - dsjax_flags
+            if r.get("error") or r.get("n_devices") != 1 or extra or foreign or not bf16_compute(r["precision"]):
                 continue
             points[f"{r['preset']} (T={r['seq_len']})"][r["batch"]].append(100 * r["mfu"])
             devices.add(r["device"])
@@ -46,7 +58,7 @@ def main() -> None:
     ax.set_xlabel("global batch size (sequences)")
     ax.set_ylabel("MFU, % of 989 TFLOP/s (PaLM count)")
     ax.set_xscale("log", base=2)
-    ax.set_title(f"dsjax bf16 train step, one {' / '.join(sorted(devices))}", fontsize=10)
+    ax.set_title(f"dsjax train step, bf16 compute, one {' / '.join(sorted(devices))}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
