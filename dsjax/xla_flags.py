@@ -37,9 +37,10 @@ import jaxlib
 #   --xla_gpu_memory_limit_slop_factor=50         llama-1b pipeline 2 batch 32 unrolled: 4.6-6.3 GiB less, 0.7-1.3%
 #     slower (2x H200, 2026-11-30); the memory preflight names it when train.memory_budget_gb is below the GPU
 #     allocator's limit
+#   --xla_gpu_enable_command_buffer=              (CUDA graphs off) gpt2-124m batch 32 1.4% slower (H200, 2026-11-30)
 # Parsed by jaxlib 0.11.2 but not measured: the pipelined all-gather / reduce-scatter / all-reduce
-# switches, the all-gather and reduce-scatter combine thresholds, while-loop double buffering, the
-# highest-priority async stream and command buffers. Removed by 0.11 (an abort if set):
+# switches, the all-gather and reduce-scatter combine thresholds, while-loop double buffering and the
+# highest-priority async stream. Removed by 0.11 (an abort if set):
 # xla_gpu_graph_level, xla_gpu_enable_async_all_gather.
 # An empty entry is a validated "no flags": dsjax's defaults there are XLA's own.
 FLAGS: dict[str, dict[str, str]] = {
