@@ -3,7 +3,7 @@
 Usage: python experiments/bench_head_loss.py [--batch=32] [--seq=1024] [--dim=768] [--vocab=50304]
     [--dtype=bfloat16] [--reps=20] [--out=FILE]
 
-GPT-2 124M's head at batch 32 by default. Times value_and_grad of the summed loss over (x, w), median of
+GPT-2 124M's head at batch 32 by default. Times value_and_grad of the mean loss over (x, w), median of
 --reps calls, for:
 - 'forward_grad': dsjax's `head_cross_entropy` (the forward pass writes softmax - onehot, the Pallas kernel
   reads each row of logits twice; the backward pass feeds the stored gradient to the two GEMMs);
@@ -13,7 +13,8 @@ GPT-2 124M's head at batch 32 by default. Times value_and_grad of the summed los
   from XLA's one-pass reduction, '_pallas' from a one-loop Pallas kernel;
 - 'backward_grad_barrier': the same with the gradient written once in front of the GEMMs (an optimization
   barrier stops XLA from fusing it).
-Losses and gradients are checked against 'forward_grad'. One JSON line per variant.
+Each variant's loss and gradients are compared with 'forward_grad' (relative differences in its line).
+One JSON line per variant.
 """
 
 from __future__ import annotations
