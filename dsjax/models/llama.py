@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.config import ModelConfig
@@ -38,6 +39,43 @@ def norm_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
     return {"scale": ParamSpec((cfg.d_model,), ("norm",), "ones")}
 
 
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up. In fp16, differentiated by `_swiglu_recomputed`; in other dtypes by autodiff.
+
+    Under autodiff in fp16, XLA unrolls the layers' loops and finds that the backward pass recomputes the
+    same sigmoid as the forward pass. It then keeps the forward pass's (B, T, F) result alive for the
+    backward pass: one more activation per layer. In bf16, XLA's float normalization makes the two
+    expressions differ, so they are not merged.
+
+    Measured on llama-1b at batch 12 on one H200 (experiments/RESULTS.md). In fp16 the step took 66.5 GiB
+    under autodiff and 63.5 GiB with `_swiglu_recomputed`, and was 1.0% faster. In bf16 autodiff took
+    60.5 GiB and the custom VJP 63.5 GiB, so bf16 and fp32 keep autodiff."""
+    if gate.dtype == jnp.float16:
+        return _swiglu_recomputed(gate, up)
+    return jax.nn.silu(gate) * up
+
+
+@jax.custom_vjp
+def _swiglu_recomputed(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up, with gate and up as its only residuals. The backward pass computes the sigmoid
+    again, behind an optimization barrier so that XLA cannot merge it with the forward pass's, as
+    gpt2's GELU does (`dsjax.models.gelu`)."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return _swiglu_recomputed(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, g):
+    gate, up = jax.lax.optimization_barrier(residuals)
+    _, vjp = jax.vjp(lambda gate, up: jax.nn.silu(gate) * up, gate, up)
+    return vjp(g)
+
+
+_swiglu_recomputed.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: ModelConfig, mesh) -> jax.Array:
     """One decoder block in x's dtype. p: this layer's parameters, x (B, T, D), positions (T,) -> (B, T, D)."""
     p = cast(p, x.dtype, keep=KEEP)
@@ -54,5 +92,5 @@ def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: Mode
     x, h = add_norm(x, out, p["mlp_norm"], None, **norm)  # x + out and its RMSNorm in one pass
     gate = checkpoint_name(project("BTD,DF->BTF", h, p["w_gate"]), "mlpwi_0")
     up = checkpoint_name(project("BTD,DF->BTF", h, p["w_up"]), "mlpwi_1")
-    hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"), mesh)
+    hidden = constrain(swiglu(gate, up), ("act_batch", "act_seq", "act_mlp"), mesh)
     return x + checkpoint_name(constrain(project("BTF,FD->BTD", hidden, p["w_down"]), act, mesh), "mlpwo")
