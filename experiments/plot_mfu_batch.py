@@ -3,8 +3,8 @@
 Usage: python experiments/plot_mfu_batch.py RESULTS.jsonl [...] --out=experiments/mfu_vs_batch.png
 
 Uses the rows of single-device runs with bf16 compute and no config overrides other than the batch size and
-the precision policy, errorless, and run with no XLA flag beyond those dsjax sets (dsjax.xla_flags.FLAGS);
-when a batch appears more than once, the median MFU is plotted.
+the precision policy, errorless, and run with no XLA flag beyond those dsjax sets (a name and value of
+dsjax.xla_flags.FLAGS); when a batch appears more than once, the median MFU is plotted.
 Needs matplotlib (not a dsjax dependency).
 """
 
@@ -23,11 +23,18 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 
 from dsjax import xla_flags
+from dsjax.config import ConfigError
 from dsjax.precision import parse_policy
 
 
-def bf16_compute(policy: str) -> bool:
-    return parse_policy(policy).compute == jnp.bfloat16
+def bf16_compute(policy: str | None) -> bool:
+    """Whether `policy` (a precision.policy string) computes in bf16; False for a missing or unknown one."""
+    if not isinstance(policy, str):
+        return False
+    try:
+        return parse_policy(policy).compute == jnp.bfloat16
+    except ConfigError:
+        return False
 
 
 def main() -> None:
@@ -37,14 +44,14 @@ def main() -> None:
     args = parser.parse_args()
     points: dict[str, dict[int, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     devices = set()
-    dsjax_flags = {name for flags in xla_flags.FLAGS.values() for name in flags}
+    dsjax_flags = {f"{name}={value}" for flags in xla_flags.FLAGS.values() for name, value in flags.items()}
     for path in args.results:
         with open(path) as f:
             rows = [json.loads(line) for line in f]
         for r in rows:
             extra = set(r.get("overrides", {})) - {"train.batch_size", "precision.policy"}
-            foreign = set(re.findall(r"--(\w+)", r.get("xla_flags", ""))) - dsjax_flags
-            if r.get("error") or r.get("n_devices") != 1 or extra or foreign or not bf16_compute(r["precision"]):
+            foreign = set(re.findall(r"--(\w+=\S*)", r.get("xla_flags", ""))) - dsjax_flags
+            if r.get("error") or r.get("n_devices") != 1 or extra or foreign or not bf16_compute(r.get("precision")):
                 continue
             points[f"{r['preset']} (T={r['seq_len']})"][r["batch"]].append(100 * r["mfu"])
             devices.add(r["device"])

@@ -40,16 +40,16 @@ def norm_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """silu(gate) * up. In fp16, differentiated by `_swiglu_recomputed`; in other dtypes by autodiff.
+    """silu(gate) * up. In fp16 it is differentiated by `_swiglu_recomputed`; in other dtypes by autodiff.
 
-    Under autodiff in fp16, XLA unrolls the layers' loops and finds that the backward pass recomputes the
-    same sigmoid as the forward pass. It then keeps the forward pass's (B, T, F) result alive for the
-    backward pass: one more activation per layer. In bf16, XLA's float normalization makes the two
-    expressions differ, so they are not merged.
+    Under autodiff in fp16, the compiled llama-1b step merges the backward pass's recomputed sigmoid with the
+    forward pass's. It then keeps the forward pass's (B, T, F) result alive for the backward pass: one
+    activation more per layer. The remat groups of unrolled layers run with prevent_cse=False
+    (`dsjax.remat`), which allows such merges. In bf16 the two were not merged.
 
-    Measured on llama-1b at batch 12 on one H200 (experiments/RESULTS.md). In fp16 the step took 66.5 GiB
-    under autodiff and 63.5 GiB with `_swiglu_recomputed`, and was 1.0% faster. In bf16 autodiff took
-    60.5 GiB and the custom VJP 63.5 GiB, so bf16 and fp32 keep autodiff."""
+    Measured on llama-1b at batch 12, one H200 (experiments/RESULTS.md). In fp16 the step took 66.5 GiB
+    under autodiff and 63.5 GiB with `_swiglu_recomputed`. In bf16 autodiff took 60.5 GiB and the custom VJP
+    63.5 GiB, so bf16 (and fp32, not measured) keep autodiff."""
     if gate.dtype == jnp.float16:
         return _swiglu_recomputed(gate, up)
     return jax.nn.silu(gate) * up
