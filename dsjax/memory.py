@@ -36,9 +36,14 @@ def shard_bytes(tree, shardings) -> int:
     return total
 
 
+def io_bytes(mem) -> int:
+    """Bytes of a compiled step's arguments and outputs on one device, a donated buffer counted once."""
+    return mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+
+
 def step_bytes(mem) -> int:
     """Peak bytes of one device for a compiled step (XLA `memory_analysis()`)."""
-    return mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    return io_bytes(mem) + mem.temp_size_in_bytes
 
 
 def device_limit(device: jax.Device) -> int | None:
@@ -65,7 +70,7 @@ def _scheduler_knob(budget_bytes: int, device: jax.Device, mem) -> str | None:
     67.7 GiB with the allocator itself limited to 71.7 GiB (experiments/RESULTS.md, 2026-11-30). The factor
     named here gives the limit the scheduler would take if the allocator's limit were the budget."""
     allocator = device_limit(device) if device.platform == "gpu" else None
-    io = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    io = io_bytes(mem)
     if not allocator or budget_bytes >= allocator or budget_bytes <= io:
         return None
     if "xla_gpu_memory_limit_slop_factor" in os.environ.get("XLA_FLAGS", ""):

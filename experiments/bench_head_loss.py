@@ -52,22 +52,7 @@ def main() -> None:
     labels = jax.random.randint(kl, (args.batch, args.seq), 0, args.vocab)
 
     def lse_kernel(logits_ref, label_ref, lse_ref, picked_ref, *, block):
-        V = logits_ref.shape[0]
-        label = label_ref[0]
-
-        def stats(i, carry):
-            m, s, picked = carry
-            index = i * block + jnp.arange(block)
-            xb = plgpu.load(logits_ref.at[pl.ds(i * block, block)], mask=index < V, other=-jnp.inf)
-            xb = xb.astype(jnp.float32)
-            m_new = jnp.maximum(m, jnp.max(xb))
-            s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(xb - m_new))
-            return m_new, s, picked + jnp.sum(jnp.where(index == label, xb, 0.0))
-
-        zero = jnp.zeros((), jnp.float32)
-        m, s, picked = jax.lax.fori_loop(0, pl.cdiv(V, block), stats, (jnp.full((), -jnp.inf, jnp.float32), zero, zero))
-        lse_ref[0] = m + jnp.log(s)
-        picked_ref[0] = picked
+        lse_ref[0], picked_ref[0] = xent.row_stats(logits_ref, label_ref[0], block, eviction_policy=None)
 
     def lse_pallas(logits, labels):
         R, V = logits.shape
@@ -85,8 +70,7 @@ def main() -> None:
         return lse[:, 0], picked[:, 0]
 
     def lse_xla(logits, labels):
-        wide = logits.astype(jnp.float32)
-        return xent.logsumexp(wide), jnp.take_along_axis(wide, labels[:, None], axis=-1)[:, 0]
+        return xent._lse_and_picked(logits.astype(jnp.float32), labels)
 
     def backward_grad(lse_impl, barrier):
         @jax.custom_vjp

@@ -82,6 +82,20 @@ def test_attention_selection():
         attention_impl("cudnn", jnp.float32, 64, platform="gpu")
 
 
+def _assert_differentiates_as(f, reference, args, w):
+    """f(*args) has reference's value and gradients (of the loss sum(f * w), in w's dtype): fp32 to relative
+    1e-6, 16-bit to one rounding (2^-8)."""
+
+    def value_and_grads(fn):
+        loss = lambda *a: (fn(*a) * w).astype(jnp.float32).sum()  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args)))))(*args)
+
+    rtol = 1e-6 if w.dtype == jnp.float32 else 2**-8
+    for a, c in zip(jax.tree.leaves(value_and_grads(f)), jax.tree.leaves(value_and_grads(reference)), strict=True):
+        assert a.dtype == c.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(c, np.float32), rtol=rtol, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_bias_gelu_differentiates_as_the_composition(dtype):
     """GPT-2's GELU with its hand-written backward pass (tanh recomputed) gives autodiff's value and
@@ -91,16 +105,7 @@ def test_bias_gelu_differentiates_as_the_composition(dtype):
     u = (3 * jax.random.normal(k1, (2, 5, 24))).astype(dtype)
     b = jax.random.normal(k2, (24,)).astype(dtype)
     w = jax.random.normal(k3, (2, 5, 24)).astype(dtype)
-
-    def loss(f):
-        return jax.jit(jax.value_and_grad(lambda u, b: (f(u, b) * w).astype(jnp.float32).sum(), argnums=(0, 1)))
-
-    got = loss(bias_gelu)(u, b)
-    want = loss(lambda u, b: jax.nn.gelu(u + b, approximate=True))(u, b)
-    for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert a.dtype == c.dtype
-        rtol = 1e-6 if dtype == jnp.float32 else 2**-8
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(c, np.float32), rtol=rtol, atol=1e-6)
+    _assert_differentiates_as(bias_gelu, lambda u, b: jax.nn.gelu(u + b, approximate=True), (u, b), w)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
@@ -112,16 +117,7 @@ def test_swiglu_differentiates_as_the_composition(dtype):
     gate = (3 * jax.random.normal(k1, (2, 5, 24))).astype(dtype)
     up = jax.random.normal(k2, (2, 5, 24)).astype(dtype)
     w = jax.random.normal(k3, (2, 5, 24)).astype(dtype)
-
-    def loss(f):
-        return jax.jit(jax.value_and_grad(lambda g, u: (f(g, u) * w).astype(jnp.float32).sum(), argnums=(0, 1)))
-
-    got = loss(swiglu)(gate, up)
-    want = loss(lambda g, u: jax.nn.silu(g) * u)(gate, up)
-    for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert a.dtype == c.dtype
-        rtol = 1e-6 if dtype == jnp.float32 else 2**-8
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(c, np.float32), rtol=rtol, atol=1e-6)
+    _assert_differentiates_as(swiglu, lambda g, u: jax.nn.silu(g) * u, (gate, up), w)
     custom = "custom_vjp_call" in str(jax.make_jaxpr(swiglu)(gate, up))
     barrier = "optimization_barrier" in str(jax.make_jaxpr(jax.grad(lambda g, u: swiglu(g, u).sum()))(gate, up))
     assert custom == barrier == (dtype == jnp.float16)

@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import GELU_KERNELS, ConfigError
-from dsjax.models.layers import activation_spec, as_rows, row_axes, sharding_platform
+from dsjax.models.layers import activation_spec, as_rows, recomputed, row_axes, sharding_platform
 from dsjax.sharding import named
 
 C = math.sqrt(2.0 / math.pi)
@@ -55,27 +55,15 @@ def gelu(z: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------------------- xla
 
 
-@jax.custom_vjp
-def _xla(u: jax.Array, b: jax.Array) -> jax.Array:
-    """gelu(u + b), its backward pass keeping only u and b (not the tanh autodiff would store): on gpt2-124m
-    B32 (one H200) the step went from 63.1 to 62.2 ms and its footprint from 22.5 to 20.3 GiB
-    (experiments/RESULTS.md). Same arithmetic as autodiff of the composition."""
+def _bias_gelu(u: jax.Array, b: jax.Array) -> jax.Array:
     return gelu(u + b)
 
 
-def _xla_fwd(u, b):
-    return _xla(u, b), (u, b)
-
-
-def _xla_bwd(residuals, g):
-    # the barrier keeps XLA from merging the tanh computed here with the forward pass's (which it would
-    # then write out for this pass to read, as it does without the custom VJP)
-    u, b = jax.lax.optimization_barrier(residuals)
-    _, vjp = jax.vjp(lambda u, b: gelu(u + b), u, b)
-    return vjp(g)
-
-
-_xla.defvjp(_xla_fwd, _xla_bwd)
+# gelu(u + b), its backward pass keeping only u and b (not the tanh autodiff would store) and computing the
+# tanh again behind a barrier (without it XLA merged the two tanh computations and stored the forward
+# pass's): on gpt2-124m B32 (one H200) the step went from 63.1 to 62.2 ms and its footprint from 22.5 to
+# 20.3 GiB (experiments/RESULTS.md).
+_xla = recomputed(_bias_gelu)
 
 
 # ----------------------------------------------------------------------------------------------- kernels

@@ -112,6 +112,30 @@ class Precast:
     compute: jax.Array
 
 
+def recomputed(fn):
+    """`fn` differentiated with its arguments as its only residuals: the backward pass evaluates `fn` again,
+    behind an optimization barrier on those arguments.
+
+    Without the barrier XLA may merge the backward pass's recomputation with the forward pass's and keep
+    the forward pass's intermediates alive until the backward pass reads them, which is what the custom
+    VJP exists to avoid (gpt2's GELU, `dsjax.models.gelu`; llama's SwiGLU in fp16, `dsjax.models.llama`;
+    experiments/RESULTS.md). Same arithmetic as autodiff of `fn`."""
+
+    @jax.custom_vjp
+    def f(*args):
+        return fn(*args)
+
+    def f_fwd(*args):
+        return fn(*args), args
+
+    def f_bwd(args, g):
+        _, vjp = jax.vjp(fn, *jax.lax.optimization_barrier(args))
+        return vjp(g)
+
+    f.defvjp(f_fwd, f_bwd)
+    return functools.wraps(fn)(f)
+
+
 def project(spec: str, x: jax.Array, w: jax.Array | Precast) -> jax.Array:
     """einsum(spec, x, w) of activations x and a weight w, in x's dtype (`spec`: "lhs,rhs->out", every index
     of the weight in x or in the output).

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.config import ModelConfig
-from dsjax.models.layers import ParamSpec, cast, causal_attention, project, rope
+from dsjax.models.layers import ParamSpec, cast, causal_attention, project, recomputed, rope
 from dsjax.models.norms import add_norm
 from dsjax.sharding import constrain
 
@@ -50,30 +50,14 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     Measured on llama-1b at batch 12, one H200 (experiments/RESULTS.md). In fp16 the step took 66.5 GiB
     under autodiff and 63.5 GiB with `_swiglu_recomputed`. In bf16 autodiff took 60.5 GiB and the custom VJP
     63.5 GiB, so bf16 (and fp32, not measured) keep autodiff."""
-    if gate.dtype == jnp.float16:
-        return _swiglu_recomputed(gate, up)
+    return (_swiglu_recomputed if gate.dtype == jnp.float16 else _silu_times)(gate, up)
+
+
+def _silu_times(gate: jax.Array, up: jax.Array) -> jax.Array:
     return jax.nn.silu(gate) * up
 
 
-@jax.custom_vjp
-def _swiglu_recomputed(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """silu(gate) * up, with gate and up as its only residuals. The backward pass computes the sigmoid
-    again, behind an optimization barrier so that XLA cannot merge it with the forward pass's, as
-    gpt2's GELU does (`dsjax.models.gelu`)."""
-    return jax.nn.silu(gate) * up
-
-
-def _swiglu_fwd(gate, up):
-    return _swiglu_recomputed(gate, up), (gate, up)
-
-
-def _swiglu_bwd(residuals, g):
-    gate, up = jax.lax.optimization_barrier(residuals)
-    _, vjp = jax.vjp(lambda gate, up: jax.nn.silu(gate) * up, gate, up)
-    return vjp(g)
-
-
-_swiglu_recomputed.defvjp(_swiglu_fwd, _swiglu_bwd)
+_swiglu_recomputed = recomputed(_silu_times)  # gate and up its only residuals, the sigmoid again behind a barrier
 
 
 def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: ModelConfig, mesh) -> jax.Array:

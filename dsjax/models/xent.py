@@ -71,6 +71,31 @@ def _xla(logits: jax.Array, labels: jax.Array, grad_dtype) -> tuple[jax.Array, j
     return lse - picked, grad
 
 
+def row_stats(logits_ref, label, block: int, eviction_policy: str | None = "evict_last"):
+    """Inside a kernel: one pass over a row of logits (V,) in blocks of `block` -> (its logsumexp, the logit
+    at `label`), fp32. The default eviction hint keeps the row in L2 for a second pass over it."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    V = logits_ref.shape[0]
+
+    def stats(i, carry):
+        m, s, picked = carry
+        index = i * block + jnp.arange(block)
+        window = logits_ref.at[pl.ds(i * block, block)]
+        x = plgpu.load(window, mask=index < V, other=-jnp.inf, eviction_policy=eviction_policy).astype(jnp.float32)
+        m_new = jnp.maximum(m, jnp.max(x))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new))
+        picked = picked + jnp.sum(jnp.where(index == label, x, 0.0))
+        return m_new, s, picked
+
+    zero = jnp.zeros((), jnp.float32)
+    # the first block holds at least one real logit, so m is finite after it and exp(m - m_new) never nan
+    init = (jnp.full((), -jnp.inf, jnp.float32), zero, zero)
+    m, s, picked = jax.lax.fori_loop(0, pl.cdiv(V, block), stats, init)
+    return m + jnp.log(s), picked
+
+
 def _kernel(logits_ref, label_ref, loss_ref, grad_ref, *, block: int):
     """One row: logits_ref (V,), label_ref (1,) -> loss_ref (1,) fp32, grad_ref (V,)."""
     from jax.experimental import pallas as pl
@@ -79,23 +104,7 @@ def _kernel(logits_ref, label_ref, loss_ref, grad_ref, *, block: int):
     V = logits_ref.shape[0]
     label = label_ref[0]
     steps = pl.cdiv(V, block)
-
-    def stats(i, carry):
-        m, s, picked = carry
-        index = i * block + jnp.arange(block)
-        mask = index < V
-        # a hint to keep the row in L2 for the second loop
-        x = plgpu.load(logits_ref.at[pl.ds(i * block, block)], mask=mask, other=-jnp.inf, eviction_policy="evict_last")
-        x = x.astype(jnp.float32)
-        m_new = jnp.maximum(m, jnp.max(x))
-        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new))
-        picked = picked + jnp.sum(jnp.where(index == label, x, 0.0))
-        return m_new, s, picked
-
-    zero = jnp.zeros((), jnp.float32)
-    # the first block holds at least one real logit, so m is finite after it and exp(m - m_new) never nan
-    m, s, picked = jax.lax.fori_loop(0, steps, stats, (jnp.full((), -jnp.inf, jnp.float32), zero, zero))
-    lse = m + jnp.log(s)
+    lse, picked = row_stats(logits_ref, label, block)
     loss_ref[0] = lse - picked
 
     def write(i, carry):
