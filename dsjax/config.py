@@ -38,7 +38,7 @@ def _require(ok: bool, message: str) -> None:
 FAMILIES = ("llama", "gpt2")
 DATA_SOURCES = ("default", "text", "tokens", "synthetic")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-LOSS_KERNELS = ("auto", "xla", "pallas")
+LOSS_KERNELS = ("auto", "xla", "pallas", "mosaic")
 NORM_KERNELS = ("auto", "xla", "pallas")
 GELU_KERNELS = ("auto", "xla", "pallas")
 LOSS_SCALES = ("auto", "dynamic", "static", "none")
@@ -61,8 +61,10 @@ class ModelConfig:
     attention: str = doc("auto", "'auto' (cuDNN fused kernel on GPU where supported, else XLA), 'xla' or 'cudnn'")
     loss_kernel: str = doc(
         "auto",
-        "LM-head loss and its logits gradient: 'auto' (Pallas kernel on GPU, XLA where tensor parallelism splits "
-        "the vocabulary, with train.loss_chunk and on CPU), 'xla' or 'pallas' (interpreted on CPU: for tests)",
+        "LM-head loss and its logits gradient: 'auto' (on Hopper GPUs the Mosaic GPU kernel where a row of "
+        "logits fits in shared memory and the gradient is in the logits' dtype, else the Pallas Triton kernel on "
+        "GPU; XLA where tensor parallelism splits the vocabulary, with train.loss_chunk and on CPU), 'xla', "
+        "'pallas' (interpreted on CPU: for tests) or 'mosaic' (interpreted on CPU from jax 0.11: for tests)",
     )
     norm_kernel: str = doc(
         "auto",

@@ -1,13 +1,15 @@
 """Micro-benchmark of the LM head's softmax cross-entropy pass over the logits (dsjax.models.xent).
 
 Usage (GPU): PYTHONPATH=. python experiments/bench_loss_kernel.py [--rows=32768 --vocab=50304] [--reps=20]
-    [--dtype=float32|bfloat16] [--configs=BLOCK:WARPS[:STAGES],...]
+    [--dtype=float32|bfloat16|float16] [--configs=BLOCK:WARPS[:STAGES],...] [--mosaic=CHUNK[:reuse],...]
 
 Times, on random logits (R, V) of --dtype, the loss and its bf16 gradient softmax - onehot computed
 (a) as dsjax did before the kernel: the loss in the forward pass, the gradient (times the cotangent) from
     the stored logits in the backward pass (two XLA kernels),
 (b) by the 'xla' implementation of loss_and_unit_grad (the same two passes, both in the forward pass),
-(c) by the Pallas kernel at several (block, warps, Triton pipeline stages) settings,
+(c) by the Pallas (Triton) kernel at several (block, warps, Triton pipeline stages) settings,
+(d) by the Mosaic GPU kernel at several register chunks, ':reuse' keeping exp(x - max) in the row between
+    the sum and the gradient (Hopper GPUs; the gradient in the logits' dtype; --mosaic= skips it),
 each as the median of --reps timed calls (device events: one block per call), and checks (c) against (b).
 Prints one JSON line per variant with ms, GB/s over the fewest bytes (logits read once, gradient written
 once) and the largest differences.
@@ -44,7 +46,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=50304)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--configs", default="1024:4,2048:4,2048:8,4096:8,4096:16,8192:16")
-    parser.add_argument("--dtype", default="float32", help="the logits' dtype: float32 or bfloat16")
+    parser.add_argument("--mosaic", default="8192", help="Mosaic kernel settings CHUNK[:reuse],... ('' for none)")
+    parser.add_argument("--dtype", default="float32", help="the logits' dtype: float32, bfloat16 or float16")
     args = parser.parse_args()
     R, V = args.rows, args.vocab
     k1, k2 = jax.random.split(jax.random.key(0))
@@ -63,6 +66,19 @@ def main() -> None:
     xla = jax.jit(functools.partial(xent._xla, grad_dtype=jnp.bfloat16))
     ref_loss, ref_grad = xla(logits, labels)
     rows = []
+
+    def measured(name, fn, floor_bytes=floor_bytes):
+        loss, grad = fn(logits, labels)
+        ms = timed(fn, logits, labels, reps=args.reps)
+        return {
+            "variant": name,
+            "ms": round(ms, 3),
+            "GBps_floor": round(floor_bytes / ms / 1e6, 1),
+            "max_loss_diff": float(jnp.abs(loss - ref_loss).max()),
+            "max_grad_diff": float(jnp.abs(grad.astype(jnp.float32) - ref_grad.astype(jnp.float32)).max()),
+            "nan": bool(jnp.isnan(grad.astype(jnp.float32)).any() | jnp.isnan(loss).any()),
+        }
+
     for name, fn, fargs in (("before", before, (logits, labels, g)), ("xla", xla, (logits, labels))):
         ms = timed(fn, *fargs, reps=args.reps)
         rows.append({"variant": name, "ms": round(ms, 3), "GBps_floor": round(floor_bytes / ms / 1e6, 1)})
@@ -71,18 +87,13 @@ def main() -> None:
         fn = jax.jit(
             functools.partial(xent._pallas_rows, grad_dtype=jnp.bfloat16, block=block, warps=warps, stages=stages)
         )
-        loss, grad = fn(logits, labels)
-        ms = timed(fn, logits, labels, reps=args.reps)
-        rows.append(
-            {
-                "variant": f"pallas block={block} warps={warps} stages={stages}",
-                "ms": round(ms, 3),
-                "GBps_floor": round(floor_bytes / ms / 1e6, 1),
-                "max_loss_diff": float(jnp.abs(loss - ref_loss).max()),
-                "max_grad_diff": float(jnp.abs(grad.astype(jnp.float32) - ref_grad.astype(jnp.float32)).max()),
-                "nan": bool(jnp.isnan(grad.astype(jnp.float32)).any() | jnp.isnan(loss).any()),
-            }
-        )
+        rows.append(measured(f"pallas block={block} warps={warps} stages={stages}", fn))
+    for config in filter(None, args.mosaic.split(",")):
+        chunk, *flags = config.split(":")
+        reuse = flags == ["reuse"]
+        fn = jax.jit(functools.partial(xent._mosaic_rows, chunk=int(chunk), reuse_exp=reuse))
+        # its gradient is in the logits' dtype
+        rows.append(measured(f"mosaic chunk={chunk}" + (" reuse_exp" if reuse else ""), fn, 2 * logits.nbytes))
     device = jax.devices()[0].device_kind
     for row in rows:
         print(json.dumps({"device": device, "rows": R, "vocab": V, "dtype": args.dtype, **row}))

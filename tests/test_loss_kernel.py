@@ -1,11 +1,16 @@
-"""The LM head's loss kernels (dsjax.models.xent): the Pallas kernel (run by Pallas's interpreter on these
-CPUs), the XLA implementation and a float64 reference compute the same loss and logits gradient, on one
-device and on a sharded mesh, and through the whole decoder.
+"""The LM head's loss kernels (dsjax.models.xent): the Pallas (Triton) kernel (run by Pallas's interpreter on
+these CPUs), the Mosaic GPU kernel (on Hopper GPUs, or in Mosaic GPU's interpreter where jax has it: 0.11 and
+newer; on older jax only its lowering for GPUs is checked here), the XLA implementation and a float64
+reference compute the same loss and logits gradient, on one device and on a sharded mesh, and through the
+whole decoder.
 
 Tolerances: the loss relative 1e-5 against float64 (fp32 sums over up to 2500 logits); the fp32 gradient
 absolute 1e-5 (values in [-1, 1]; logits near 60, whose fp32 spacing is 4e-6, set the resolution of
 softmax's exponent); bf16 gradients one bf16 rounding (2^-8 absolute) apart; the decoder's
-loss relative 1e-6 and gradients 1e-5 between kernels (fp32 sums in a different order).
+loss relative 1e-6 and gradients 1e-5 between kernels (fp32 sums in a different order). The Mosaic kernel
+computes exp(x - m) as 2^(x log2 e - m log2 e) (one rounding more than exp(x - m) for large logits): its fp32
+gradient is held to 2e-5 absolute, its loss to the same relative 1e-5; with 16-bit logits it uses the GPU's
+approximate exp2 and log, held to one rounding of the gradient's dtype (2^-8) against XLA.
 """
 
 import jax
@@ -20,6 +25,25 @@ from dsjax.mesh import make_mesh
 from dsjax.models import Decoder, xent
 from dsjax.sharding import named
 from dsjax.step import loss_fn
+
+
+def mosaic_runs() -> bool:
+    if jax.default_backend() == "gpu":
+        return xent.hopper_or_newer()
+    return xent.mosaic_interpretable()
+
+
+needs_mosaic = pytest.mark.skipif(
+    not mosaic_runs(), reason="the Mosaic kernel runs on Hopper GPUs, or in Mosaic GPU's interpreter (jax >= 0.11)"
+)
+
+
+def mosaic_interpret():
+    if jax.default_backend() == "gpu":
+        return None
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.InterpretGPUParams()
 
 
 def random_case(rows: tuple[int, ...], vocab: int, seed: int = 0):
@@ -46,6 +70,64 @@ def test_loss_and_gradient_match_float64(kernel, vocab):
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     np.testing.assert_allclose(grad, want_grad, atol=1e-5)
     np.testing.assert_allclose(xent.loss_only(logits, labels), want_loss, rtol=1e-5)
+
+
+@needs_mosaic
+@pytest.mark.parametrize("vocab, chunk", [(256, 8192), (2048, 8192), (2432, 1024)])  # one piece; a loop and a tail
+@pytest.mark.parametrize("reuse_exp", [False, True])
+def test_the_mosaic_kernel_matches_float64(vocab, chunk, reuse_exp):
+    logits, labels = random_case((2, 3), vocab)
+    run = jax.jit(lambda a, b: xent._mosaic_rows(a, b, mosaic_interpret(), chunk=chunk, reuse_exp=reuse_exp))
+    loss, grad = run(logits.reshape(-1, vocab), labels.reshape(-1))
+    want_loss, want_grad = reference(logits.reshape(-1, vocab), labels.reshape(-1))
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(grad, want_grad, atol=2e-5)
+
+
+@needs_mosaic
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_the_mosaic_kernel_writes_16_bit_gradients(dtype):
+    logits, labels = random_case((2, 3), 2432, seed=1)
+    logits = (logits - 40.0).astype(dtype)
+    loss, grad = jax.jit(lambda a, b: xent.loss_and_unit_grad(a, b, dtype, "mosaic"))(logits, labels)
+    want_loss, want_grad = xent._xla(logits, labels, dtype)
+    assert grad.dtype == dtype
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(grad.astype(jnp.float32), want_grad.astype(jnp.float32), atol=2**-8)
+
+
+def test_the_mosaic_kernel_lowers_for_gpus():
+    """On every supported jax, also where it cannot run here: the kernel lowers to one Mosaic GPU call."""
+    logits, labels = jnp.zeros((4, 50304), jnp.bfloat16), jnp.zeros((4,), jnp.int32)
+    text = jax.jit(xent._mosaic_rows).trace(logits, labels).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 1 and text.count("custom_call") == 1
+
+
+def test_auto_takes_the_mosaic_kernel_where_the_row_fits(monkeypatch):
+    monkeypatch.setattr(xent, "sharding_platform", lambda sharding: "gpu")
+    monkeypatch.setattr(xent, "hopper_or_newer", lambda sharding=None: True)
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    assert xent.resolve("auto", None, 50304, bf16, bf16) == "mosaic"  # gpt2-124m
+    assert xent.resolve("auto", None, 50304, f32, f32) == "mosaic"  # 196.5 KiB rows
+    assert xent.resolve("auto", None, 128256, f32, f32) == "pallas"  # llama-1b: 501 KiB rows
+    assert xent.resolve("auto", None, 50304, f32, bf16) == "pallas"  # the gradient cannot overwrite the row
+    assert xent.resolve("auto", None, 50300, bf16, bf16) == "pallas"  # not a multiple of 128
+    with pytest.raises(ConfigError, match=r"'mosaic' cannot take.*128256 float32 logits is 513024 bytes.*225280"):
+        xent.resolve("mosaic", None, 128256, f32, f32)
+    with pytest.raises(ConfigError, match=r"'mosaic' cannot take.*in the logits' dtype \(float32\), not bfloat16"):
+        xent.resolve("mosaic", None, 50304, f32, bf16)
+    monkeypatch.setattr(xent, "hopper_or_newer", lambda sharding=None: False)
+    assert xent.resolve("auto", None, 50304, bf16, bf16) == "pallas"
+    with pytest.raises(ConfigError, match=r"compute capability 9\.0 or newer"):
+        xent.resolve("mosaic", None, 50304, bf16, bf16)
+
+
+def test_the_mosaic_kernel_off_gpus_needs_the_interpreter(monkeypatch):
+    monkeypatch.setattr(xent, "mosaic_interpretable", lambda: False)
+    monkeypatch.setattr(xent, "sharding_platform", lambda sharding: "cpu")
+    logits, labels = random_case((2,), 256)
+    with pytest.raises(ConfigError, match=r"'mosaic' runs off GPUs only in Mosaic GPU's interpreter"):
+        xent.loss_and_unit_grad(logits, labels, jnp.float32, "mosaic")
 
 
 def test_the_kernel_writes_the_compute_dtype():
@@ -91,6 +173,11 @@ def test_auto_takes_the_kernel_on_gpus_unless_the_vocabulary_is_split(monkeypatc
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_decoder_loss_and_gradients_equal_for_both_kernels(family):
     assert_decoder_settings_agree(family, "loss_kernel", ("xla", "pallas"))
+
+
+@needs_mosaic
+def test_decoder_loss_and_gradients_equal_with_the_mosaic_kernel():
+    assert_decoder_settings_agree("gpt2", "loss_kernel", ("xla", "mosaic"))
 
 
 def test_the_chunked_loss_keeps_xla_under_auto(monkeypatch):

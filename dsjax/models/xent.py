@@ -13,7 +13,13 @@ Two implementations of the same function:
   XLA's two kernels on an H200 (experiments/RESULTS.md). Rows are split over the devices by
   `jax.shard_map` along the logits' batch sharding; a vocabulary split over devices (tensor parallelism)
   keeps 'xla', whose reductions GSPMD partitions itself.
-`impl='auto'` picks 'pallas' on GPUs when the vocabulary is not split, 'xla' elsewhere.
+- 'mosaic': one Pallas Mosaic GPU kernel (Hopper and newer), one CUDA block per row: the row is copied once
+  into shared memory, and the max, the sum of exponentials and the gradient are computed from there; the
+  gradient overwrites the row in shared memory and is copied out. The logits are read from device memory
+  once instead of twice (6.6 instead of 9.9 GB per step on gpt2-124m at batch 32). It needs the row in shared
+  memory (V x itemsize <= MOSAIC_ROW_BYTES), V a multiple of 128 and the gradient in the logits' dtype.
+`impl='auto'` picks 'mosaic' on Hopper GPUs where the row fits, else 'pallas' on GPUs when the vocabulary is
+not split, 'xla' elsewhere.
 """
 
 from __future__ import annotations
@@ -34,6 +40,15 @@ from dsjax.models.layers import activation_spec, as_rows, sharding_platform, spl
 # with 8 on gpt2-124m's (32768 x 50304) bf16 logits.
 BLOCK = 2048
 NUM_WARPS = {2: 4, 4: 8}
+
+# The Mosaic kernel: logits per register chunk (8 per thread per 16-byte vector for 16-bit logits; 1.90 ms
+# against 2.06 ms for 4096 and 2.14 ms for 2048 on gpt2-124m's bf16 logits, one H200), and the largest row it
+# takes: a CUDA block has at most 227 KiB of shared memory on Hopper, less the kernel's small buffers.
+MOSAIC_CHUNK = 8192
+MOSAIC_ROW_BYTES = 220 * 1024
+_LOG2E = 1.4426950408889634
+# the label and the logsumexp travel per row in 128-byte rows (the smallest copy every supported jax takes)
+_SIDE = 32
 
 
 def logsumexp(x: jax.Array) -> jax.Array:
@@ -150,19 +165,208 @@ def _pallas(logits: jax.Array, labels: jax.Array, grad_dtype, interpret: bool = 
     return loss.reshape(lead), grad.reshape(logits.shape)
 
 
-def resolve(impl: str, sharding: NamedSharding | None = None) -> str:
-    """'auto' -> 'pallas' on GPUs when the logits' vocabulary axis is not split over devices, else 'xla'.
-    An explicit 'pallas' with a split vocabulary is a ConfigError (the kernel needs whole rows)."""
+def mosaic_problem(vocab: int, dtype, grad_dtype) -> str | None:
+    """Why the Mosaic kernel cannot take rows of `vocab` logits of `dtype` with a `grad_dtype` gradient,
+    or None when it can."""
+    dtype, grad_dtype = jnp.dtype(dtype), jnp.dtype(grad_dtype)
+    if dtype != grad_dtype:
+        return f"it writes the gradient over the row, in the logits' dtype ({dtype.name}), not {grad_dtype.name}"
+    if dtype.itemsize not in (2, 4):
+        return f"it takes 16- or 32-bit logits, not {dtype.name}"
+    if vocab % 128:
+        return f"it needs the vocabulary to be a multiple of 128, got {vocab}"
+    if vocab * dtype.itemsize > MOSAIC_ROW_BYTES:
+        return (
+            f"a row of {vocab} {dtype.name} logits is {vocab * dtype.itemsize} bytes, more than the "
+            f"{MOSAIC_ROW_BYTES} bytes of shared memory it may take"
+        )
+    return None
+
+
+def _load(ref, start: int, size: int, vec: int):
+    """ref[start:start + size] into registers, `vec` consecutive elements per thread and load."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    layout = plgpu.Layout.WG_STRIDED((size,), vec_size=vec)
+    window = pl.ds(start, size)
+    if _LOAD_TAKES_INDEX:  # jax < 0.11: load(ref, idx, layout=...)
+        return plgpu.load(ref, window, layout=layout)
+    return plgpu.load(ref.at[window], layout=layout)
+
+
+def _load_takes_index() -> bool:
+    import inspect
+
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    idx = inspect.signature(plgpu.load).parameters.get("idx")
+    return idx is not None and idx.default is inspect.Parameter.empty
+
+
+_LOAD_TAKES_INDEX = None
+
+
+def _mosaic_pieces(V: int, vec: int, chunk: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """A row of V (a multiple of 128) -> (chunks of `chunk` in the loop, the (start, size, vec) pieces after)."""
+    n = V // chunk
+    start, pieces = n * chunk, []
+    size = chunk // 2
+    while start < V:
+        if V - start >= size:
+            pieces.append((start, size, min(vec, size // 128)))
+            start += size
+        else:
+            size //= 2
+    return n, pieces
+
+
+def _mosaic_rows(logits, labels, interpret=None, chunk: int = MOSAIC_CHUNK, reuse_exp: bool = False):
+    """The Mosaic kernel over rows: logits (R, V), labels (R,) -> loss (R,) fp32, softmax - onehot (R, V) in
+    the logits' dtype. One CUDA block (one warpgroup, 128 threads) per row; two blocks fit an SM with
+    16-bit rows of gpt2's vocabulary. `reuse_exp` keeps exp(x - max) in the row between the sum and the
+    gradient (one exponential per logit fewer, one more rounding; measured in experiments/bench_loss_kernel.py)."""
+    global _LOAD_TAKES_INDEX
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if _LOAD_TAKES_INDEX is None:
+        _LOAD_TAKES_INDEX = _load_takes_index()
+    R, V = logits.shape
+    f32 = jnp.float32
+    vec = 16 // logits.dtype.itemsize  # 16-byte loads from shared memory
+    chunk = max(128 * vec, min(chunk, V // (128 * vec) * 128 * vec))
+    n, tail = _mosaic_pieces(V, vec, chunk)
+    side = jnp.pad(labels.astype(jnp.int32)[:, None], ((0, 0), (0, _SIDE - 1)))
+
+    def body(x_gmem, label_gmem, lse_gmem, grad_gmem, row, label_smem, lse_smem, barriers):
+        r = jax.lax.axis_index("rows")
+        in_bounds = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
+        plgpu.copy_gmem_to_smem(x_gmem.at[r], row, barriers.at[0], oob_mode=in_bounds)
+        plgpu.copy_gmem_to_smem(label_gmem.at[r], label_smem, barriers.at[1], oob_mode=in_bounds)
+        plgpu.barrier_wait(barriers.at[0])
+
+        def fold(op, reduce, f, init, dtype):
+            """reduce(op-fold of f(piece) over the row): per-lane over the loop's chunks, then per piece."""
+            lanes = plgpu.layout_cast(jnp.full((chunk,), init, dtype), plgpu.Layout.WG_STRIDED((chunk,), vec_size=vec))
+            acc = jax.lax.fori_loop(0, n, lambda i, a: op(a, f(i * chunk, chunk, vec)), lanes)
+            total = reduce(acc).astype(f32)
+            for piece in tail:
+                total = op(total, reduce(f(*piece)).astype(f32))
+            return total
+
+        # the max in the logits' dtype (exact; bf16x2 max instructions), then the sum of exp(x - max)
+        m = fold(jnp.maximum, jnp.max, functools.partial(_load, row), -jnp.inf, row.dtype)
+        m2 = m * _LOG2E
+
+        def exp(start, size, v):
+            e = jnp.exp2(_load(row, start, size, v).astype(f32) * _LOG2E - m2)
+            if reuse_exp:
+                row[pl.ds(start, size)] = e.astype(row.dtype)
+            return e
+
+        plgpu.barrier_wait(barriers.at[1])
+        label = label_smem[0]
+        # the label's logit, read before the gradient overwrites it (0 for a label outside the row)
+        picked = jnp.where((label >= 0) & (label < V), row[jnp.clip(label, 0, V - 1)].astype(f32), 0.0)
+        s = fold(jnp.add, jnp.sum, exp, 0.0, f32)
+        lse = m + jnp.log(s)
+        lse2, inv_s = lse * _LOG2E, 1.0 / s
+
+        def write(start, size, v):
+            x = _load(row, start, size, v).astype(f32)
+            p = x * inv_s if reuse_exp else jnp.exp2(x * _LOG2E - lse2)
+            index = plgpu.broadcasted_iota(jnp.int32, (size,), 0, layout=plgpu.Layout.WG_STRIDED((size,), vec_size=v))
+            row[pl.ds(start, size)] = (p - (index + start == label).astype(f32)).astype(row.dtype)
+
+        @pl.loop(0, n)
+        def _(i):
+            write(i * chunk, chunk, vec)
+
+        for piece in tail:
+            write(*piece)
+        lse_smem[pl.ds(0, 1)] = jnp.full((1,), lse - picked, f32)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(row, grad_gmem.at[r])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[r])
+        plgpu.wait_smem_to_gmem(0)
+
+    call = plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct((R, _SIDE), f32), jax.ShapeDtypeStruct((R, V), logits.dtype)),
+        scratch_types=[
+            plgpu.SMEM((V,), logits.dtype),
+            plgpu.SMEM((_SIDE,), jnp.int32),
+            plgpu.SMEM((_SIDE,), f32),
+            plgpu.Barrier(num_barriers=2),
+        ],
+        grid=(R,),
+        grid_names=("rows",),
+        # the GPU's approximate exp2 and log for 16-bit logits, whose gradient is rounded to 8 or 11 bits anyway
+        compiler_params=plgpu.CompilerParams(approx_math=logits.dtype.itemsize == 2),
+        interpret=interpret,
+        kernel_name="dsjax_softmax_xent_mosaic",
+    )
+    loss, grad = call(logits, side)
+    return loss[:, 0], grad
+
+
+def _mosaic(logits: jax.Array, labels: jax.Array, interpret=None):
+    lead = labels.shape
+    loss, grad = _mosaic_rows(as_rows(logits), labels.reshape(-1), interpret)
+    return loss.reshape(lead), grad.reshape(logits.shape)
+
+
+def hopper_or_newer(sharding: NamedSharding | None = None) -> bool:
+    """Whether the devices (those of `sharding`, else the default ones) are NVIDIA GPUs of compute capability
+    9.0 or newer, which the Mosaic kernel needs (bulk copies into shared memory)."""
+    device = next(iter(sharding.mesh.devices.flat)) if sharding is not None else jax.devices()[0]
+    try:
+        return device.platform == "gpu" and float(device.compute_capability) >= 9.0
+    except (AttributeError, TypeError, ValueError):  # not CUDA: ROCm GPUs, CPUs
+        return False
+
+
+def resolve(
+    impl: str, sharding: NamedSharding | None = None, vocab: int | None = None, dtype=None, grad_dtype=None
+) -> str:
+    """'auto' -> 'mosaic' on Hopper GPUs when the row fits it (`vocab`, `dtype` and `grad_dtype` given),
+    else 'pallas' on GPUs when the logits' vocabulary axis is not split over devices, else 'xla'.
+    An explicit kernel that cannot take the logits is a ConfigError that says why."""
     if impl not in LOSS_KERNELS:
         raise ConfigError(f"model.loss_kernel must be one of {LOSS_KERNELS}, got {impl!r}.")
+    on_gpu = sharding_platform(sharding) == "gpu"
+    problem = None if vocab is None else mosaic_problem(vocab, dtype, grad_dtype)
     if impl == "auto":
-        return "pallas" if sharding_platform(sharding) == "gpu" and not splits_last_axis(sharding) else "xla"
-    if impl == "pallas" and splits_last_axis(sharding):
+        if not on_gpu or splits_last_axis(sharding):
+            return "xla"
+        return "mosaic" if vocab is not None and problem is None and hopper_or_newer(sharding) else "pallas"
+    if impl in ("pallas", "mosaic") and splits_last_axis(sharding):
         raise ConfigError(
-            f"model.loss_kernel='pallas' needs whole vocabulary rows on each device, but the logits are split "
+            f"model.loss_kernel={impl!r} needs whole vocabulary rows on each device, but the logits are split "
             f"as {tuple(sharding.spec)} (tensor parallelism splits the vocabulary); use model.loss_kernel=auto."
         )
+    if impl == "mosaic":
+        if problem is not None:
+            raise ConfigError(f"model.loss_kernel='mosaic' cannot take these logits: {problem}; use 'auto'.")
+        if on_gpu and not hopper_or_newer(sharding):
+            raise ConfigError(
+                "model.loss_kernel='mosaic' needs an NVIDIA GPU of compute capability 9.0 or newer (Hopper); "
+                "use model.loss_kernel=auto, which takes the Triton kernel on older GPUs."
+            )
+        if not on_gpu and not mosaic_interpretable():
+            raise ConfigError(
+                f"model.loss_kernel='mosaic' runs off GPUs only in Mosaic GPU's interpreter, which jax "
+                f"{jax.__version__} lacks (it came with jax 0.11); use model.loss_kernel=auto."
+            )
     return impl
+
+
+def mosaic_interpretable() -> bool:
+    """Whether this jax can run Mosaic GPU kernels on CPUs (its GPU interpreter: for tests)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return hasattr(plgpu, "InterpretGPUParams")
 
 
 def loss_and_unit_grad(
@@ -170,11 +374,18 @@ def loss_and_unit_grad(
 ) -> tuple[jax.Array, jax.Array]:
     """logits (B, T, V), labels (B, T) -> (loss (B, T) fp32, softmax - onehot (B, T, V) in grad_dtype).
 
-    `sharding` is the logits' sharding (None on one device). 'pallas' runs the kernel on each device's rows
-    under `jax.shard_map`; on CPUs it runs in Pallas's interpreter (slow: for tests)."""
-    if resolve(impl, sharding) == "xla":
+    `sharding` is the logits' sharding (None on one device). The kernels run on each device's rows under
+    `jax.shard_map`; on CPUs they run in Pallas's interpreters (slow: for tests)."""
+    impl = resolve(impl, sharding, logits.shape[-1], logits.dtype, grad_dtype)
+    if impl == "xla":
         return _xla(logits, labels, grad_dtype)
-    run = functools.partial(_pallas, grad_dtype=grad_dtype, interpret=sharding_platform(sharding) != "gpu")
+    off_gpu = sharding_platform(sharding) != "gpu"
+    if impl == "mosaic":
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+
+        run = functools.partial(_mosaic, interpret=plgpu.InterpretGPUParams() if off_gpu else None)
+    else:
+        run = functools.partial(_pallas, grad_dtype=grad_dtype, interpret=off_gpu)
     if sharding is None or sharding.mesh.size == 1:
         return run(logits, labels)
     # On a mesh, always under shard_map, also with replicated logits: under a vmap over the pipeline stages
