@@ -237,6 +237,14 @@ def _mosaic_rows(logits, labels, interpret=None, chunk: int = MOSAIC_CHUNK, reus
     vec = 16 // logits.dtype.itemsize  # 16-byte loads from shared memory
     chunk = max(128 * vec, min(chunk, V // (128 * vec) * 128 * vec))
     n, tail = _mosaic_pieces(V, vec, chunk)
+    fast = logits.dtype.itemsize == 2
+
+    def exp_minus(x, c):
+        """exp(x - c) of fp32 x and a scalar c. For 16-bit logits 2^(x log2 e - c log2 e): one FMA and the GPU's
+        approximate exp2 (their gradient is rounded to 8 or 11 bits anyway); fp32 logits take the exact exp of
+        the exact difference, which the fp32 equivalence tests hold to 1e-5 as they hold the other kernels."""
+        return jnp.exp2(x * _LOG2E - c * _LOG2E) if fast else jnp.exp(x - c)
+
     side = jnp.pad(labels.astype(jnp.int32)[:, None], ((0, 0), (0, _SIDE - 1)))
 
     def body(x_gmem, label_gmem, lse_gmem, grad_gmem, row, label_smem, lse_smem, barriers):
@@ -257,10 +265,9 @@ def _mosaic_rows(logits, labels, interpret=None, chunk: int = MOSAIC_CHUNK, reus
 
         # the max in the logits' dtype (exact; bf16x2 max instructions), then the sum of exp(x - max)
         m = fold(jnp.maximum, jnp.max, functools.partial(_load, row), -jnp.inf, row.dtype)
-        m2 = m * _LOG2E
 
         def exp(start, size, v):
-            e = jnp.exp2(_load(row, start, size, v).astype(f32) * _LOG2E - m2)
+            e = exp_minus(_load(row, start, size, v).astype(f32), m)
             if reuse_exp:
                 row[pl.ds(start, size)] = e.astype(row.dtype)
             return e
@@ -271,11 +278,11 @@ def _mosaic_rows(logits, labels, interpret=None, chunk: int = MOSAIC_CHUNK, reus
         picked = jnp.where((label >= 0) & (label < V), row[jnp.clip(label, 0, V - 1)].astype(f32), 0.0)
         s = fold(jnp.add, jnp.sum, exp, 0.0, f32)
         lse = m + jnp.log(s)
-        lse2, inv_s = lse * _LOG2E, 1.0 / s
+        inv_s = 1.0 / s
 
         def write(start, size, v):
             x = _load(row, start, size, v).astype(f32)
-            p = x * inv_s if reuse_exp else jnp.exp2(x * _LOG2E - lse2)
+            p = x * inv_s if reuse_exp else exp_minus(x, lse)
             index = plgpu.broadcasted_iota(jnp.int32, (size,), 0, layout=plgpu.Layout.WG_STRIDED((size,), vec_size=v))
             row[pl.ds(start, size)] = (p - (index + start == label).astype(f32)).astype(row.dtype)
 
@@ -302,8 +309,7 @@ def _mosaic_rows(logits, labels, interpret=None, chunk: int = MOSAIC_CHUNK, reus
         ],
         grid=(R,),
         grid_names=("rows",),
-        # the GPU's approximate exp2 and log for 16-bit logits, whose gradient is rounded to 8 or 11 bits anyway
-        compiler_params=plgpu.CompilerParams(approx_math=logits.dtype.itemsize == 2),
+        compiler_params=plgpu.CompilerParams(approx_math=fast),
         interpret=interpret,
         kernel_name="dsjax_softmax_xent_mosaic",
     )
