@@ -41,6 +41,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 LOSS_KERNELS = ("auto", "xla", "pallas", "mosaic")
 NORM_KERNELS = ("auto", "xla", "pallas")
 GELU_KERNELS = ("auto", "xla", "pallas")
+QKV_KERNELS = ("auto", "xla", "pallas")
 LOSS_SCALES = ("auto", "dynamic", "static", "none")
 
 
@@ -75,6 +76,11 @@ class ModelConfig:
         "auto",
         "gpt2's bias + GELU: 'auto' (Pallas kernels with the GPU's tanh instruction for bf16/fp16 activations on "
         "GPU; XLA for fp32 and on CPU), 'xla' or 'pallas' (interpreted on CPU: for tests)",
+    )
+    qkv_kernel: str = doc(
+        "auto",
+        "gpt2's q/k/v bias gradient: 'auto' (a Pallas kernel gathers dq, dk, dv and sums them for the bias on GPU; "
+        "XLA on CPU), 'xla' or 'pallas' (interpreted on CPU: for tests)",
     )
     scan_layers: bool = doc(
         True, "compile one block and scan it over the layers (fast compile); false unrolls them (XLA sees all)"
@@ -120,6 +126,10 @@ class ModelConfig:
         _require(
             self.gelu_kernel in GELU_KERNELS,
             f"model.gelu_kernel must be one of {GELU_KERNELS}, got {self.gelu_kernel!r}.",
+        )
+        _require(
+            self.qkv_kernel in QKV_KERNELS,
+            f"model.qkv_kernel must be one of {QKV_KERNELS}, got {self.qkv_kernel!r}.",
         )
         _require(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}.")
         _require(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps}.")

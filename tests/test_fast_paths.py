@@ -166,5 +166,6 @@ def test_accelerator_presets_default_to_the_measured_fast_paths():
     for name, (remat, policy) in expected.items():
         cfg = preset(name)
         assert (cfg.model.scan_layers, cfg.remat.policy, cfg.precision.policy) == (False, remat, policy)
-        assert (cfg.model.norm_kernel, cfg.model.loss_kernel, cfg.model.gelu_kernel) == ("auto", "auto", "auto")
+        kernels = (cfg.model.norm_kernel, cfg.model.loss_kernel, cfg.model.gelu_kernel, cfg.model.qkv_kernel)
+        assert kernels == ("auto",) * 4
     assert apply_overrides(preset("gpt2-124m"), {"model.scan_layers": "true"}).model.scan_layers is True

@@ -167,12 +167,13 @@ def test_1f1b_with_stage_recompute_matches_single_device():
 
 
 def test_1f1b_with_the_norm_kernels_matches_single_device():
-    """The Pallas norm and GELU kernels (interpreted here) inside the stages: under shard_map per device,
+    """The Pallas norm, GELU and q/k/v kernels (interpreted here) inside the stages: under shard_map per device,
     their residuals split into the 1F1B rings and rebuilt for the backward pass. (GPipe and circular
     differentiate the stages with autodiff, as without a pipeline.) The layers unrolled, as the GPU
     presets run them: the loop then takes one weight array per layer."""
     ref_losses, ref_grads, points, _ = reference("gpt2")
-    model = dataclasses.replace(MODELS["gpt2"], norm_kernel="pallas", gelu_kernel="pallas", scan_layers=False)
+    kernels = dict(norm_kernel="pallas", gelu_kernel="pallas", qkv_kernel="pallas")
+    model = dataclasses.replace(MODELS["gpt2"], **kernels, scan_layers=False)
     cfg = config(model, MeshConfig(pipeline=2, fsdp=2, tensor=2), "1f1b", 2)
     losses, grads, _, _ = sgd_run(cfg, jax.devices()[:8], points)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)

@@ -10,6 +10,7 @@ from dsjax.config import ModelConfig
 from dsjax.models.gelu import bias_gelu
 from dsjax.models.layers import ParamSpec, Precast, cast, causal_attention, project
 from dsjax.models.norms import add_norm
+from dsjax.models.qkv import split_qkv
 from dsjax.sharding import constrain
 
 LEARNED_POSITIONS = True
@@ -50,13 +51,14 @@ def final_norm(x: jax.Array, p: dict[str, jax.Array], cfg: ModelConfig, mesh=Non
     return add_norm(x, None, p["scale"], p["bias"], cfg.norm_eps, impl=cfg.norm_kernel, mesh=mesh)[1]
 
 
-def qkv_projections(h: jax.Array, p: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+def qkv_projections(h: jax.Array, p: dict, impl: str = "xla", mesh=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q, k, v (B, T, N, H) = h (B, T, D) times wq, wk, wv, plus their biases.
 
     One GEMM against the three weights stacked (D, 3, N, H), as GPT-2's own c_attn is one matrix: at D = 768
     three 768-wide GEMMs run well under cuBLAS's large-GEMM rate, and one 2304-wide GEMM (with its one
     weight-gradient and input-gradient GEMM) made gpt2-124m's step 1.2% faster on an H200
-    (experiments/RESULTS.md). The bias add, which splits the three apart, is a pass the block ran anyway.
+    (experiments/RESULTS.md). The bias add, which splits the three apart, is a pass the block ran anyway; its
+    backward pass is `dsjax.models.qkv.split_qkv`'s (`impl`: model.qkv_kernel).
     `Precast` weights (a pipeline's, cast once before its loop) are stacked as one `Precast`, so the
     pipelined block computes what the plain one does, bit for bit."""
     ws = [p[n] for n in ("wq", "wk", "wv")]
@@ -64,8 +66,8 @@ def qkv_projections(h: jax.Array, p: dict) -> tuple[jax.Array, jax.Array, jax.Ar
         w = Precast(jnp.stack([w.master for w in ws], axis=1), jnp.stack([w.compute for w in ws], axis=1))
     else:
         w = jnp.stack(ws, axis=1)
-    qkv = project("BTD,DSNH->BTSNH", h, w) + jnp.stack([p["bq"], p["bk"], p["bv"]])
-    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    qkv = project("BTD,DSNH->BTSNH", h, w)
+    return split_qkv(qkv, jnp.stack([p["bq"], p["bk"], p["bv"]]), impl=impl, mesh=mesh)
 
 
 def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: ModelConfig, mesh) -> jax.Array:
@@ -78,7 +80,9 @@ def block(p: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: Mode
     _, h = add_norm(x, None, p["ln1_scale"], p["ln1_bias"], **norm)
     q, k, v = (
         checkpoint_name(constrain(a, heads, mesh), name)
-        for a, name in zip(qkv_projections(h, p), ("query_proj", "key_proj", "value_proj"), strict=True)
+        for a, name in zip(
+            qkv_projections(h, p, cfg.qkv_kernel, mesh), ("query_proj", "key_proj", "value_proj"), strict=True
+        )
     )
     o = checkpoint_name(causal_attention(q, k, v, cfg.attention), "context")  # (B, T, N, H)
     out = checkpoint_name(constrain(project("BTNH,NHD->BTD", o, p["wo"]), act, mesh), "out_proj")
