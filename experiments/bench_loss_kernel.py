@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=50304)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--configs", default="1024:4,2048:4,2048:8,4096:8,4096:16,8192:16")
-    parser.add_argument("--mosaic", default="8192", help="Mosaic kernel settings CHUNK[:reuse],... ('' for none)")
+    parser.add_argument("--mosaic", default="8192", help="Mosaic settings CHUNK[:reuse],... ('' for none)")
     parser.add_argument("--dtype", default="float32", help="the logits' dtype: float32, bfloat16 or float16")
     args = parser.parse_args()
     R, V = args.rows, args.vocab
@@ -82,7 +82,7 @@ def main() -> None:
     for name, fn, fargs in (("before", before, (logits, labels, g)), ("xla", xla, (logits, labels))):
         ms = timed(fn, *fargs, reps=args.reps)
         rows.append({"variant": name, "ms": round(ms, 3), "GBps_floor": round(floor_bytes / ms / 1e6, 1)})
-    for config in args.configs.split(","):
+    for config in filter(None, args.configs.split(",")):
         block, warps, stages = (int(v) for v in (config + ":1").split(":")[:3])
         fn = jax.jit(
             functools.partial(xent._pallas_rows, grad_dtype=jnp.bfloat16, block=block, warps=warps, stages=stages)
@@ -90,10 +90,10 @@ def main() -> None:
         rows.append(measured(f"pallas block={block} warps={warps} stages={stages}", fn))
     for config in filter(None, args.mosaic.split(",")):
         chunk, *flags = config.split(":")
-        reuse = flags == ["reuse"]
+        reuse = "reuse" in flags
         fn = jax.jit(functools.partial(xent._mosaic_rows, chunk=int(chunk), reuse_exp=reuse))
-        # its gradient is in the logits' dtype
-        rows.append(measured(f"mosaic chunk={chunk}" + (" reuse_exp" if reuse else ""), fn, 2 * logits.nbytes))
+        name = f"mosaic chunk={chunk}" + (" reuse_exp" if reuse else "")
+        rows.append(measured(name, fn, 2 * logits.nbytes))  # its gradient is in the logits' dtype
     device = jax.devices()[0].device_kind
     for row in rows:
         print(json.dumps({"device": device, "rows": R, "vocab": V, "dtype": args.dtype, **row}))
