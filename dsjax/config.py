@@ -63,7 +63,8 @@ class ModelConfig:
     loss_kernel: str = doc(
         "auto",
         "LM-head loss and its logits gradient: 'auto' (on Hopper GPUs the Mosaic GPU kernel where a row of "
-        "logits fits in shared memory and the gradient is in the logits' dtype, else the Pallas Triton kernel on "
+        "logits fits in shared memory, the vocabulary is a multiple of 128 and the gradient is in the logits' "
+        "dtype, else the Pallas Triton kernel on "
         "GPU; XLA where tensor parallelism splits the vocabulary, with train.loss_chunk and on CPU), 'xla', "
         "'pallas' (interpreted on CPU: for tests) or 'mosaic' (interpreted on CPU from jax 0.11: for tests)",
     )

@@ -1,16 +1,16 @@
 """Micro-benchmark of the LM head's softmax cross-entropy pass over the logits (dsjax.models.xent).
 
 Usage (GPU): PYTHONPATH=. python experiments/bench_loss_kernel.py [--rows=32768 --vocab=50304] [--reps=20]
-    [--dtype=float32|bfloat16|float16] [--configs=BLOCK:WARPS[:STAGES],...] [--mosaic=CHUNK[:reuse],...]
+    [--dtype=float32|bfloat16|float16] [--configs=BLOCK:WARPS[:STAGES],...] [--mosaic=CHUNK,...]
 
 Times, on random logits (R, V) of --dtype, the loss and its bf16 gradient softmax - onehot computed
 (a) as dsjax did before the kernel: the loss in the forward pass, the gradient (times the cotangent) from
     the stored logits in the backward pass (two XLA kernels),
 (b) by the 'xla' implementation of loss_and_unit_grad (the same two passes, both in the forward pass),
 (c) by the Pallas (Triton) kernel at several (block, warps, Triton pipeline stages) settings,
-(d) by the Mosaic GPU kernel at several register chunks, ':reuse' keeping exp(x - max) in the row between
-    the sum and the gradient (Hopper GPUs; the gradient in the logits' dtype; --mosaic= skips it),
-each as the median of --reps timed calls (device events: one block per call), and checks (c) against (b).
+(d) by the Mosaic GPU kernel at several register chunks (Hopper GPUs; the gradient in the logits' dtype;
+    --mosaic= skips it),
+each as the median of --reps timed calls (device events: one block per call), and checks (c) and (d) against (b).
 Prints one JSON line per variant with ms, GB/s over the fewest bytes (logits read once, gradient written
 once) and the largest differences.
 """
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=50304)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--configs", default="1024:4,2048:4,2048:8,4096:8,4096:16,8192:16")
-    parser.add_argument("--mosaic", default="8192", help="Mosaic settings CHUNK[:reuse],... ('' for none)")
+    parser.add_argument("--mosaic", default="8192", help="Mosaic kernel chunks CHUNK,... ('' for none)")
     parser.add_argument("--dtype", default="float32", help="the logits' dtype: float32, bfloat16 or float16")
     args = parser.parse_args()
     R, V = args.rows, args.vocab
@@ -89,10 +89,8 @@ def main() -> None:
         )
         rows.append(measured(f"pallas block={block} warps={warps} stages={stages}", fn))
     for config in filter(None, args.mosaic.split(",")):
-        chunk, *flags = config.split(":")
-        reuse = "reuse" in flags
-        fn = jax.jit(functools.partial(xent._mosaic_rows, chunk=int(chunk), reuse_exp=reuse))
-        name = f"mosaic chunk={chunk}" + (" reuse_exp" if reuse else "")
+        fn = jax.jit(functools.partial(xent._mosaic_rows, chunk=int(config)))
+        name = f"mosaic chunk={config}"
         rows.append(measured(name, fn, 2 * logits.nbytes))  # its gradient is in the logits' dtype
     device = jax.devices()[0].device_kind
     for row in rows:

@@ -33,7 +33,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import GELU_KERNELS, ConfigError
-from dsjax.models.layers import activation_spec, as_rows, recomputed, row_axes, sharding_platform
+from dsjax.models.layers import (
+    activation_spec,
+    as_rows,
+    recomputed,
+    row_axes,
+    row_tiles_with_column_sums,
+    sharding_platform,
+)
 from dsjax.sharding import named
 
 C = math.sqrt(2.0 / math.pi)
@@ -145,20 +152,12 @@ def _pallas_fwd(u, b, interpret):
 
 def _pallas_bwd(u, b, g, interpret):
     """-> (du (R, F), db (F,) fp32 summed over rows)."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
-
     R, F = u.shape
-    programs = min(BWD_ROW_PROGRAMS, pl.cdiv(R, BLOCK_ROWS))
-    du, db = pl.pallas_call(
-        functools.partial(_bwd_kernel, R=R, F=F, exact=interpret, programs=programs),
-        grid=(programs, pl.cdiv(F, BLOCK_COLS)),
-        out_shape=[jax.ShapeDtypeStruct((R, F), u.dtype), jax.ShapeDtypeStruct((programs, F), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=1),
-        interpret=interpret,
-        name="dsjax_bias_gelu_bwd",
-    )(u, b, g)
-    return du, db.sum(0)
+    return row_tiles_with_column_sums(
+        functools.partial(_bwd_kernel, R=R, F=F, exact=interpret), (u, b, g), jax.ShapeDtypeStruct((R, F), u.dtype), F,
+        block_rows=BLOCK_ROWS, block_cols=BLOCK_COLS, max_programs=BWD_ROW_PROGRAMS, warps=WARPS,
+        name="dsjax_bias_gelu_bwd", interpret=interpret,
+    )  # fmt: skip
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

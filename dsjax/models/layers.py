@@ -91,6 +91,31 @@ def as_rows(a: jax.Array) -> jax.Array:
     return a.reshape(-1, a.shape[-1])
 
 
+def row_tiles_with_column_sums(
+    kernel, operands, out: jax.ShapeDtypeStruct, sum_cols: int, *, block_rows: int, block_cols: int,
+    max_programs: int, warps: int, name: str, interpret: bool,
+):  # fmt: skip
+    """One Pallas (Triton) call of a backward kernel over row tiles that also sums columns: a grid of (programs,
+    column blocks of `block_cols` over the first operand's columns), each program looping over every
+    programs-th tile of `block_rows` rows (at most `max_programs` per column block). `kernel(*in_refs, out_ref,
+    sums_ref, programs=...)` writes `out` and its programs' partial column sums (programs, sum_cols) in fp32,
+    added up here. -> (out, the column sums (sum_cols,) fp32)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    rows, cols = operands[0].shape
+    programs = min(max_programs, pl.cdiv(rows, block_rows))
+    result, sums = pl.pallas_call(
+        functools.partial(kernel, programs=programs),
+        grid=(programs, pl.cdiv(cols, block_cols)),
+        out_shape=[out, jax.ShapeDtypeStruct((programs, sum_cols), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
+        interpret=interpret,
+        name=name,
+    )(*operands)
+    return result, sums.sum(0)
+
+
 def cast(params: dict, dtype, keep: tuple[str, ...] = ()) -> dict:
     """A layer's parameters in the compute dtype, except those named in `keep` (norm parameters, which
     the norms use in fp32: rounding them to bf16 first would throw the master precision away) and those

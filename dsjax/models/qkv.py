@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import QKV_KERNELS, ConfigError
-from dsjax.models.layers import as_rows, row_axes, sharding_platform
+from dsjax.models.layers import as_rows, row_axes, row_tiles_with_column_sums, sharding_platform
 from dsjax.sharding import named
 
 # Row tiles of BLOCK_ROWS x BLOCK_COLS per loop step; ROW_PROGRAMS programs per column block, each looping
@@ -74,20 +74,12 @@ def _kernel(dq_ref, dk_ref, dv_ref, out_ref, db_ref, *, R, C, programs):
 
 def _pallas_bwd(dq, dk, dv, interpret: bool):
     """dq, dk, dv (R, C) -> (their rows side by side (R, 3 C), the column sums (3 C,) fp32)."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
-
     R, C = dq.shape
-    programs = min(ROW_PROGRAMS, pl.cdiv(R, BLOCK_ROWS))
-    out, db = pl.pallas_call(
-        functools.partial(_kernel, R=R, C=C, programs=programs),
-        grid=(programs, pl.cdiv(C, BLOCK_COLS)),
-        out_shape=[jax.ShapeDtypeStruct((R, 3 * C), dq.dtype), jax.ShapeDtypeStruct((programs, 3 * C), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=1),
+    return row_tiles_with_column_sums(
+        functools.partial(_kernel, R=R, C=C), (dq, dk, dv), jax.ShapeDtypeStruct((R, 3 * C), dq.dtype), 3 * C,
+        block_rows=BLOCK_ROWS, block_cols=BLOCK_COLS, max_programs=ROW_PROGRAMS, warps=WARPS, name="dsjax_qkv_bwd",
         interpret=interpret,
-        name="dsjax_qkv_bwd",
-    )(dq, dk, dv)
-    return out, db.sum(0)
+    )  # fmt: skip
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

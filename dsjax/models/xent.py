@@ -5,7 +5,7 @@ and the gradient of that loss with respect to the logits, softmax(logits) - oneh
 compute dtype. The LM head's backward pass then needs only the gradient (scaled by each position's
 cotangent after its GEMMs), not the logits: the fp32 logits die in the forward pass.
 
-Two implementations of the same function:
+Three implementations of the same function:
 - 'xla': jnp; XLA runs it as a reduction over the logits (max and sum of exponentials in one pass) and an
   elementwise pass that writes the gradient, each a full read of the logits from device memory.
 - 'pallas': one Pallas (Triton) kernel, one program per row of logits: a loop over the row for the running
@@ -41,9 +41,10 @@ from dsjax.models.layers import activation_spec, as_rows, sharding_platform, spl
 BLOCK = 2048
 NUM_WARPS = {2: 4, 4: 8}
 
-# The Mosaic kernel: logits per register chunk (8 per thread per 16-byte vector for 16-bit logits; 1.90 ms
-# against 2.06 ms for 4096 and 2.14 ms for 2048 on gpt2-124m's bf16 logits, one H200), and the largest row it
-# takes: a CUDA block has at most 227 KiB of shared memory on Hopper, less the kernel's small buffers.
+# The Mosaic kernel: logits per register chunk (8 per thread per 16-byte vector for 16-bit logits; on gpt2-124m's
+# bf16 logits 1.90 ms against 2.06 ms for 4096 and 2.14 ms for 2048 in the prototype's call on one H200; a later
+# call put 4096 and 8192 within its run-to-run spread, experiments/RESULTS.md), and the largest row it takes: a
+# CUDA block has at most 227 KiB of shared memory on Hopper, less the kernel's small buffers.
 MOSAIC_CHUNK = 8192
 MOSAIC_ROW_BYTES = 220 * 1024
 _LOG2E = 1.4426950408889634
@@ -207,25 +208,29 @@ def _load_takes_index() -> bool:
 _LOAD_TAKES_INDEX = None
 
 
-def _mosaic_pieces(V: int, vec: int, chunk: int) -> tuple[int, list[tuple[int, int, int]]]:
-    """A row of V (a multiple of 128) -> (chunks of `chunk` in the loop, the (start, size, vec) pieces after)."""
-    n = V // chunk
-    start, pieces = n * chunk, []
-    size = chunk // 2
+def _mosaic_plan(V: int, vec: int, chunk: int) -> tuple[int, int, int, list[tuple[int, int, int]]]:
+    """How the Mosaic kernel walks a row of V logits (V a multiple of 128) with `vec` per 16-byte load, in
+    register chunks of at most `chunk` -> (the loop's chunk, its elements per load, the loop's count, the
+    (start, size, elements per load) pieces after it). The loop's chunk is the largest power-of-two multiple
+    of 128 no larger than `chunk` or V; the rest of the row, a multiple of 128 shorter than it, is cut into
+    halving pieces (each a power-of-two multiple of 128)."""
+    size = 128
+    while size * 2 <= min(chunk, V):
+        size *= 2
+    n = V // size
+    start, pieces, piece = n * size, [], size // 2
     while start < V:
-        if V - start >= size:
-            pieces.append((start, size, min(vec, size // 128)))
-            start += size
-        else:
-            size //= 2
-    return n, pieces
+        if V - start >= piece:
+            pieces.append((start, piece, min(vec, piece // 128)))
+            start += piece
+        piece //= 2
+    return size, min(vec, size // 128), n, pieces
 
 
-def _mosaic_rows(logits, labels, interpret=None, chunk: int = MOSAIC_CHUNK, reuse_exp: bool = False):
+def _mosaic_rows(logits, labels, interpret=None, chunk: int = MOSAIC_CHUNK):
     """The Mosaic kernel over rows: logits (R, V), labels (R,) -> loss (R,) fp32, softmax - onehot (R, V) in
     the logits' dtype. One CUDA block (one warpgroup, 128 threads) per row; two blocks fit an SM with
-    16-bit rows of gpt2's vocabulary. `reuse_exp` keeps exp(x - max) in the row between the sum and the
-    gradient (one exponential per logit fewer, one more rounding; measured in experiments/bench_loss_kernel.py)."""
+    16-bit rows of gpt2's vocabulary."""
     global _LOAD_TAKES_INDEX
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -234,9 +239,7 @@ def _mosaic_rows(logits, labels, interpret=None, chunk: int = MOSAIC_CHUNK, reus
         _LOAD_TAKES_INDEX = _load_takes_index()
     R, V = logits.shape
     f32 = jnp.float32
-    vec = 16 // logits.dtype.itemsize  # 16-byte loads from shared memory
-    chunk = max(128 * vec, min(chunk, V // (128 * vec) * 128 * vec))
-    n, tail = _mosaic_pieces(V, vec, chunk)
+    chunk, vec, n, tail = _mosaic_plan(V, 16 // logits.dtype.itemsize, chunk)  # 16-byte loads from shared memory
     fast = logits.dtype.itemsize == 2
 
     def exp_minus(x, c):
@@ -267,22 +270,19 @@ def _mosaic_rows(logits, labels, interpret=None, chunk: int = MOSAIC_CHUNK, reus
         m = fold(jnp.maximum, jnp.max, functools.partial(_load, row), -jnp.inf, row.dtype)
 
         def exp(start, size, v):
-            e = exp_minus(_load(row, start, size, v).astype(f32), m)
-            if reuse_exp:
-                row[pl.ds(start, size)] = e.astype(row.dtype)
-            return e
+            return exp_minus(_load(row, start, size, v).astype(f32), m)
 
         plgpu.barrier_wait(barriers.at[1])
         label = label_smem[0]
-        # the label's logit, read before the gradient overwrites it (0 for a label outside the row)
+        # the label's logit, read before the gradient overwrites it (0 for a label outside the row); the
+        # reductions of the sum below synchronise the warpgroup before any thread writes the gradient
         picked = jnp.where((label >= 0) & (label < V), row[jnp.clip(label, 0, V - 1)].astype(f32), 0.0)
         s = fold(jnp.add, jnp.sum, exp, 0.0, f32)
         lse = m + jnp.log(s)
-        inv_s = 1.0 / s
 
         def write(start, size, v):
             x = _load(row, start, size, v).astype(f32)
-            p = x * inv_s if reuse_exp else exp_minus(x, lse)
+            p = exp_minus(x, lse)
             index = plgpu.broadcasted_iota(jnp.int32, (size,), 0, layout=plgpu.Layout.WG_STRIDED((size,), vec_size=v))
             row[pl.ds(start, size)] = (p - (index + start == label).astype(f32)).astype(row.dtype)
 
@@ -356,8 +356,10 @@ def resolve(
         if problem is not None:
             raise ConfigError(f"model.loss_kernel='mosaic' cannot take these logits: {problem}; use 'auto'.")
         if on_gpu and not hopper_or_newer(sharding):
+            device = next(iter(sharding.mesh.devices.flat)) if sharding is not None else jax.devices()[0]
             raise ConfigError(
-                "model.loss_kernel='mosaic' needs an NVIDIA GPU of compute capability 9.0 or newer (Hopper); "
+                "model.loss_kernel='mosaic' needs an NVIDIA GPU of compute capability 9.0 or newer (Hopper), "
+                f"got {device.device_kind} (compute capability {getattr(device, 'compute_capability', 'none')}); "
                 "use model.loss_kernel=auto, which takes the Triton kernel on older GPUs."
             )
         if not on_gpu and not mosaic_interpretable():
