@@ -49,6 +49,11 @@ def fp64(u, b, w):
     return 0.5 * z * (1 + t), dz, dz.reshape(-1, dz.shape[-1]).sum(0)
 
 
+@pytest.mark.skipif(
+    jax.default_backend() == "gpu",
+    reason="on GPUs the kernels use the GPU's approximate tanh (fp32 runs take XLA's exact one under 'auto'); "
+    "this holds the kernels' arithmetic to XLA's with the exact tanh of Pallas's interpreter",
+)
 @pytest.mark.parametrize("shape", [SHAPE, (1, 2100, 20)], ids=["partial-tiles", "looping-backward"])
 def test_the_kernels_equal_xla_in_fp32(shape):
     """Partial row and column tiles; more row tiles than backward programs (each program loops)."""
