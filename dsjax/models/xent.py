@@ -191,11 +191,12 @@ def _load(ref, start: int, size: int, vec: int):
 
     layout = plgpu.Layout.WG_STRIDED((size,), vec_size=vec)
     window = pl.ds(start, size)
-    if _LOAD_TAKES_INDEX:  # jax < 0.11: load(ref, idx, layout=...)
+    if _load_takes_index():  # jax < 0.11: load(ref, idx, layout=...)
         return plgpu.load(ref, window, layout=layout)
     return plgpu.load(ref.at[window], layout=layout)
 
 
+@functools.cache
 def _load_takes_index() -> bool:
     import inspect
 
@@ -203,9 +204,6 @@ def _load_takes_index() -> bool:
 
     idx = inspect.signature(plgpu.load).parameters.get("idx")
     return idx is not None and idx.default is inspect.Parameter.empty
-
-
-_LOAD_TAKES_INDEX = None
 
 
 def _mosaic_plan(V: int, vec: int, chunk: int) -> tuple[int, int, int, list[tuple[int, int, int]]]:
@@ -231,12 +229,9 @@ def _mosaic_rows(logits, labels, interpret=None, chunk: int = MOSAIC_CHUNK):
     """The Mosaic kernel over rows: logits (R, V), labels (R,) -> loss (R,) fp32, softmax - onehot (R, V) in
     the logits' dtype. One CUDA block (one warpgroup, 128 threads) per row; two blocks fit an SM with
     16-bit rows of gpt2's vocabulary."""
-    global _LOAD_TAKES_INDEX
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    if _LOAD_TAKES_INDEX is None:
-        _LOAD_TAKES_INDEX = _load_takes_index()
     R, V = logits.shape
     f32 = jnp.float32
     chunk, vec, n, tail = _mosaic_plan(V, 16 // logits.dtype.itemsize, chunk)  # 16-byte loads from shared memory
@@ -323,10 +318,15 @@ def _mosaic(logits: jax.Array, labels: jax.Array, interpret=None):
     return loss.reshape(lead), grad.reshape(logits.shape)
 
 
+def _device(sharding: NamedSharding | None):
+    """A device of `sharding` (the default one without it)."""
+    return next(iter(sharding.mesh.devices.flat)) if sharding is not None else jax.devices()[0]
+
+
 def hopper_or_newer(sharding: NamedSharding | None = None) -> bool:
     """Whether the devices (those of `sharding`, else the default ones) are NVIDIA GPUs of compute capability
     9.0 or newer, which the Mosaic kernel needs (bulk copies into shared memory)."""
-    device = next(iter(sharding.mesh.devices.flat)) if sharding is not None else jax.devices()[0]
+    device = _device(sharding)
     try:
         return device.platform == "gpu" and float(device.compute_capability) >= 9.0
     except (AttributeError, TypeError, ValueError):  # not CUDA: ROCm GPUs, CPUs
@@ -356,7 +356,7 @@ def resolve(
         if problem is not None:
             raise ConfigError(f"model.loss_kernel='mosaic' cannot take these logits: {problem}; use 'auto'.")
         if on_gpu and not hopper_or_newer(sharding):
-            device = next(iter(sharding.mesh.devices.flat)) if sharding is not None else jax.devices()[0]
+            device = _device(sharding)
             raise ConfigError(
                 "model.loss_kernel='mosaic' needs an NVIDIA GPU of compute capability 9.0 or newer (Hopper), "
                 f"got {device.device_kind} (compute capability {getattr(device, 'compute_capability', 'none')}); "
