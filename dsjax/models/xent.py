@@ -160,10 +160,11 @@ def _pallas_rows(
     return loss[:, 0], grad
 
 
-def _pallas(logits: jax.Array, labels: jax.Array, grad_dtype, interpret: bool = False):
-    lead = labels.shape
-    loss, grad = _pallas_rows(as_rows(logits), labels.reshape(-1), grad_dtype, interpret)
-    return loss.reshape(lead), grad.reshape(logits.shape)
+def _on_rows(rows_fn, logits: jax.Array, labels: jax.Array):
+    """A kernel over rows, rows_fn(logits (R, V), labels (R,)) -> (loss (R,), grad (R, V)), applied to logits
+    (..., V) and labels (...)."""
+    loss, grad = rows_fn(as_rows(logits), labels.reshape(-1))
+    return loss.reshape(labels.shape), grad.reshape(logits.shape)
 
 
 def mosaic_problem(vocab: int, dtype, grad_dtype) -> str | None:
@@ -312,12 +313,6 @@ def _mosaic_rows(logits, labels, interpret=None, chunk: int = MOSAIC_CHUNK):
     return loss[:, 0], grad
 
 
-def _mosaic(logits: jax.Array, labels: jax.Array, interpret=None):
-    lead = labels.shape
-    loss, grad = _mosaic_rows(as_rows(logits), labels.reshape(-1), interpret)
-    return loss.reshape(lead), grad.reshape(logits.shape)
-
-
 def _device(sharding: NamedSharding | None):
     """A device of `sharding` (the default one without it)."""
     return next(iter(sharding.mesh.devices.flat)) if sharding is not None else jax.devices()[0]
@@ -391,9 +386,10 @@ def loss_and_unit_grad(
     if impl == "mosaic":
         from jax.experimental.pallas import mosaic_gpu as plgpu
 
-        run = functools.partial(_mosaic, interpret=plgpu.InterpretGPUParams() if off_gpu else None)
+        rows_fn = functools.partial(_mosaic_rows, interpret=plgpu.InterpretGPUParams() if off_gpu else None)
     else:
-        run = functools.partial(_pallas, grad_dtype=grad_dtype, interpret=off_gpu)
+        rows_fn = functools.partial(_pallas_rows, grad_dtype=grad_dtype, interpret=off_gpu)
+    run = functools.partial(_on_rows, rows_fn)
     if sharding is None or sharding.mesh.size == 1:
         return run(logits, labels)
     # On a mesh, always under shard_map, also with replicated logits: under a vmap over the pipeline stages
