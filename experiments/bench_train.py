@@ -3,15 +3,19 @@
 Usage (from the repository root, on a GPU machine):
     PYTHONPATH=. python experiments/bench_train.py --preset=gpt2-124m --batch=32 \
         [--set=mesh.fsdp=4 ...] [--grid='precision.policy=bf16|fp16' ...] [--xla=default|none|'--flag=v ...'] \
-        [--warmup=3] [--steps=20] [--windows=3] [--profile=DIR] [--out=FILE]
+        [--warmup=3] [--steps=20] [--windows=3] [--profile=DIR [--profile-steps=20]] [--out=FILE]
 
 It runs what `python -m dsjax.train` runs (dsjax.train.build, prepare, the same jitted step fed by the
 same prefetching batch iterator, synthetic data) with no benchmark-only code path. Compilation and
 --warmup steps are excluded; then --windows windows of --steps steps are timed, each with a single
 `jax.block_until_ready` at its end (BENCHMARKS.md). Reported: the median window's step time and
 throughput, MFU in both FLOP counts, XLA's compiled footprint of the step and the allocator's peak
-memory per device. With --profile, 3 more steps are traced with `jax.profiler` and summarised
-(experiments/profile_summary.py).
+memory per device, and (where `nvidia-smi` runs) the median SM clock and power over the windows
+(experiments/gpu_power.py: these GPUs train at their power limit, at clocks that differ between machines).
+With --profile, --profile-steps more steps are traced with `jax.profiler` and summarised
+(experiments/profile_summary.py). Trace enough of them: the trace starts after a pause, and the first
+steps after a pause run at a higher clock (3 traced steps ran 2-2.6 ms faster than the windows' steps
+on gpt2-124m; 20 matched them within 0.5%).
 
 --set and --grid take config overrides (section.field=value); a --grid's values are separated by '|'
 (a value may hold ',' and '='). With --grid, every combination runs in a fresh process of this script,
@@ -42,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="steps per timed window (one block per window)")
     parser.add_argument("--windows", type=int, default=3)
-    parser.add_argument("--profile", help="trace 3 more steps into this directory and summarise them")
+    parser.add_argument("--profile", help="trace --profile-steps more steps into this directory and summarise them")
+    parser.add_argument("--profile-steps", type=int, default=20, help="steps traced with --profile")
     parser.add_argument("--out", help="also append the JSON line(s) to this file")
     return parser.parse_args(argv)
 
@@ -120,12 +125,17 @@ def measure(args: argparse.Namespace) -> dict:
     except ConfigError as e:
         result["error"] = str(e)
         return result
-    n_steps = args.warmup + args.windows * args.steps + (3 if args.profile else 0)
+    n_steps = args.warmup + args.windows * args.steps + (args.profile_steps if args.profile else 0)
     feed = batches(run, run.train_samples, 0, n_steps)
     state, metrics = run.state, None
     for _ in range(args.warmup):
         state, metrics = compiled(state, next(feed))
     jax.block_until_ready((state, metrics))
+    sys.path.insert(0, os.path.dirname(__file__))
+    from gpu_power import Sampler
+
+    sampler = Sampler()
+    sampler.mark("windows")
     times = []
     for _ in range(args.windows):
         start = time.perf_counter()
@@ -133,6 +143,8 @@ def measure(args: argparse.Namespace) -> dict:
             state, metrics = compiled(state, next(feed))
         jax.block_until_ready((state, metrics))
         times.append((time.perf_counter() - start) / args.steps)
+    sampler.mark("end")
+    power = sampler.summary().get("windows", {})
     step_time = statistics.median(times)
     tokens_per_sec = run.tokens_per_step / step_time
     peaks = [s.get("peak_bytes_in_use") for s in (d.memory_stats() or {} for d in run.mesh.devices.flat)]
@@ -149,16 +161,19 @@ def measure(args: argparse.Namespace) -> dict:
         loss=float(metrics["loss"]),
         skipped_steps=int(metrics["skipped_steps"]),
         timed_steps=args.windows * args.steps,
+        sm_clock_mhz_median=power.get("sm_mhz_median"),
+        power_w_median=power.get("power_w_median"),
     )
     if args.profile:
-        sys.path.insert(0, os.path.dirname(__file__))
         from profile_summary import summarise
 
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):
-            for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(args.profile_steps):
                 state, metrics = compiled(state, next(feed))
             jax.block_until_ready((state, metrics))
-        result["profile"] = summarise(args.profile, steps=3)
+            result["profile_wall_ms_per_step"] = round(1000 * (time.perf_counter() - start) / args.profile_steps, 2)
+        result["profile"] = summarise(args.profile, steps=args.profile_steps)
     return result
 
 

@@ -1,0 +1,72 @@
+"""The GPU's SM clock and power while a benchmark runs, sampled by `nvidia-smi` (experiments only).
+
+    sampler = Sampler()          # starts `nvidia-smi -lms 50` on GPU 0 (nothing without nvidia-smi)
+    sampler.mark("windows")      # phases, on the host's clock
+    ...
+    sampler.mark("end")
+    sampler.summary()            # {"windows": {"samples", "sm_mhz_median", "sm_mhz_min", "power_w_median"}}
+
+Why: these H200s hold training at their 700 W power limit, where the SM clock falls well below its 1980 MHz
+maximum and differs between machines; after a pause the first steps run at a higher clock
+(experiments/RESULTS.md, thirteenth session). A step time is read with the clock and power it ran at.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from datetime import datetime
+
+
+class Sampler:
+    def __init__(self, gpu: int = 0, every_ms: int = 50):
+        self.proc, self.marks, self.path = None, [], None
+        if shutil.which("nvidia-smi"):
+            fd, self.path = tempfile.mkstemp(suffix=".csv")
+            query = "--query-gpu=timestamp,clocks.sm,power.draw"
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "-i", str(gpu), query, "--format=csv,noheader,nounits", "-lms", str(every_ms)],
+                stdout=fd,
+                stderr=subprocess.DEVNULL,
+            )
+            os.close(fd)
+
+    def mark(self, name: str) -> None:
+        self.marks.append((name, time.time()))
+
+    def _samples(self) -> list[tuple[float, float, float]]:
+        samples = []
+        with open(self.path) as f:
+            for line in f:
+                parts = [p.strip() for p in line.split(",")]
+                try:
+                    t = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                    samples.append((t, float(parts[1]), float(parts[2])))
+                except (ValueError, IndexError):
+                    continue
+        return samples
+
+    def summary(self) -> dict:
+        """Per phase (from each mark to the next): the samples' count, median and lowest SM clock (MHz) and
+        median power (W). Stops the sampler; {} without nvidia-smi."""
+        if self.proc is None:
+            return {}
+        self.proc.terminate()
+        self.proc.wait()
+        samples = self._samples()
+        os.unlink(self.path)
+        out = {}
+        for (name, start), (_, end) in zip(self.marks, self.marks[1:], strict=False):
+            inside = [(c, p) for t, c, p in samples if start <= t < end]
+            if inside:
+                out[name] = {
+                    "samples": len(inside),
+                    "sm_mhz_median": statistics.median(c for c, _ in inside),
+                    "sm_mhz_min": min(c for c, _ in inside),
+                    "power_w_median": statistics.median(p for _, p in inside),
+                }
+        return out
