@@ -273,6 +273,11 @@ class RematConfig:
         "none", "activation rematerialisation: none, full, dots, dots_attention, qkv_out, minimal, offload"
     )
     every: int = doc(1, "checkpoint every N layers (recompute N layers from one saved input); divides n_layers")
+    prevent_cse: bool = doc(
+        False,
+        "unrolled layers (model.scan_layers=false): keep XLA from merging the recomputation into the forward "
+        "pass; less memory, a slower step (llama-1b batch 12: 7.1 GiB less, 1.35% slower)",
+    )
 
     def __post_init__(self):
         from dsjax.remat import REMAT_POLICIES

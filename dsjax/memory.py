@@ -95,6 +95,11 @@ def preflight(config: Config, mem, device: jax.Device, degrees: dict[str, int]) 
     knobs = []
     if config.remat.policy != "full":
         knobs.append(f"--remat.policy=full (now {config.remat.policy}; 'minimal' or 'dots' save less)")
+    if config.remat.policy != "none" and not config.remat.prevent_cse and not config.model.scan_layers:
+        knobs.append(
+            "--remat.prevent_cse=true, so that XLA cannot merge the recomputation into the forward pass "
+            "(llama-1b batch 12 on one H200: 53.4 instead of 60.5 GiB, 1.35% slower)"
+        )
     knobs.append(f"a larger --mesh.fsdp (now {degrees['fsdp']}) to shard parameters and optimizer state further")
     knobs.append(f"a smaller --train.batch_size (now {config.train.batch_size})")
     if config.train.loss_chunk == 0:

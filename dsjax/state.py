@@ -39,6 +39,7 @@ def make_model(config: Config, rngs: nnx.Rngs) -> Decoder:
         policy=parse_policy(config.precision.policy),
         remat_policy=config.remat.policy,
         remat_every=config.remat.every,
+        remat_prevent_cse=config.remat.prevent_cse,
         pipeline=config.pipeline,
     )
 

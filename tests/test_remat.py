@@ -17,11 +17,11 @@ SMALL_MODEL = ModelConfig(n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, d_ff=
 ON_DEVICE = [p for p in REMAT_POLICIES if p != "offload"]
 
 
-def grad_fn(policy: str, every: int, family: str = "llama", cfg: ModelConfig = MODEL):
+def grad_fn(policy: str, every: int, family: str = "llama", cfg: ModelConfig = MODEL, prevent_cse: bool = False):
     """(jitted grad function, params) for a model under a remat policy; init is policy-independent."""
     if family == "gpt2":
         cfg = ModelConfig(**{**cfg.__dict__, "family": "gpt2", "n_kv_heads": cfg.n_heads})
-    model = Decoder(cfg, rngs=nnx.Rngs(0), remat_policy=policy, remat_every=every)
+    model = Decoder(cfg, rngs=nnx.Rngs(0), remat_policy=policy, remat_every=every, remat_prevent_cse=prevent_cse)
     graphdef, params = nnx.split(model, nnx.Param)
     return jax.jit(jax.grad(lambda p, batch: loss_fn(graphdef, p, batch, None))), params
 
@@ -39,6 +39,45 @@ def test_every_policy_gives_the_gradients_of_no_remat(family):
         grads = jax.tree.leaves(fn(same_params, SMALL_BATCH))
         for got, want in zip(grads, reference, strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9, err_msg=f"{policy} every={every}")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prevent_cse_gives_the_same_gradients_and_reaches_the_checkpoint(family):
+    """remat.prevent_cse changes what XLA may merge, not the arithmetic: unrolled layers (scan_layers=False)
+    under a policy give autodiff's gradients either way, and the flag is the one jax.checkpoint gets."""
+    unrolled = ModelConfig(**{**SMALL_MODEL.__dict__, "scan_layers": False})
+    ref_fn, params = grad_fn("none", 1, family, unrolled)
+    reference = jax.tree.leaves(ref_fn(params, SMALL_BATCH))
+    for prevent_cse in (False, True):
+        fn, same_params = grad_fn("dots", 2, family, unrolled, prevent_cse)
+        for got, want in zip(jax.tree.leaves(fn(same_params, SMALL_BATCH)), reference, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9, err_msg=f"prevent_cse={prevent_cse}")
+        text = str(jax.make_jaxpr(fn)(same_params, SMALL_BATCH))
+        assert f"prevent_cse={prevent_cse}" in text and f"prevent_cse={not prevent_cse}" not in text
+
+
+def test_prevent_cse_saves_memory_on_unrolled_llama_layers():
+    """What the knob is for: with the barriers XLA keeps fewer forward-pass intermediates alive (on this CPU
+    build 54.8 -> 52.1 MB of temporaries for this model; llama-1b batch 12 on an H200: 60.5 -> 53.4 GiB)."""
+    unrolled = ModelConfig(**{**MODEL.__dict__, "scan_layers": False})
+
+    def temporaries(prevent_cse):
+        fn, params = grad_fn("dots", 1, "llama", unrolled, prevent_cse)
+        return fn.lower(params, BATCH).compile().memory_analysis().temp_size_in_bytes
+
+    assert temporaries(True) < temporaries(False)
+
+
+def test_preflight_offers_prevent_cse_only_where_it_helps(capsys, tmp_path):
+    tight = ["--dry-run", "--train.memory_budget_gb=0.0001", *SMALL]
+    for extra, offered in [
+        (["--remat.policy=dots", "--model.scan_layers=false"], True),
+        (["--remat.policy=dots", "--model.scan_layers=false", "--remat.prevent_cse=true"], False),
+        (["--remat.policy=none", "--model.scan_layers=false"], False),  # nothing recomputed
+        (["--remat.policy=dots", "--model.scan_layers=true"], False),  # a rolled scan: nothing to merge
+    ]:
+        assert main([*tight, *extra]) == 0
+        assert ("--remat.prevent_cse=true" in capsys.readouterr().out) == offered, extra
 
 
 def temp_bytes(policy: str, every: int = 1) -> int:

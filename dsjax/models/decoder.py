@@ -29,8 +29,8 @@ class Decoder(nnx.Module):
     """tokens (B, T) int32 -> logits (B, T, V) in the policy's output dtype.
 
     `policy` sets the parameter dtype and the default compute dtype (an enclosing `dsjax.amp.autocast`
-    overrides the latter); `remat_policy` / `remat_every` choose activation rematerialisation over the
-    scanned layers (see dsjax.remat).
+    overrides the latter); `remat_policy` / `remat_every` / `remat_prevent_cse` choose activation
+    rematerialisation over the scanned layers (see dsjax.remat).
     """
 
     def __init__(
@@ -41,9 +41,11 @@ class Decoder(nnx.Module):
         policy: Policy = POLICIES["fp32"],
         remat_policy: str = "none",
         remat_every: int = 1,
+        remat_prevent_cse: bool = False,
         pipeline: PipelineConfig | None = None,
     ):
         self.cfg, self.policy, self.remat_policy, self.remat_every = cfg, policy, remat_policy, remat_every
+        self.remat_prevent_cse = remat_prevent_cse
         self.pipeline = pipeline or PipelineConfig()
         family = FAMILIES[cfg.family]
         D, V, dtype = cfg.d_model, cfg.vocab_size, policy.param
@@ -101,7 +103,10 @@ class Decoder(nnx.Module):
 
         def stage(layers, x):
             policy, every, unroll = self.remat_policy, self.remat_every, not cfg.scan_layers
-            return scan_layers(block, x, layers, policy, every, unroll=unroll, batch_dims=int(vmapped))
+            return scan_layers(
+                block, x, layers, policy, every, unroll=unroll, batch_dims=int(vmapped),
+                prevent_cse=self.remat_prevent_cse,
+            )  # fmt: skip
 
         return stage
 
