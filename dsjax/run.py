@@ -191,6 +191,7 @@ def compile_report(run: Run, compiled, shardings: bool = False) -> str:
     state, mem, cfg = run.state, compiled.memory_analysis(), run.config
     palm, causal = run.flops_per_token
     remat = cfg.remat.policy + (f" every {cfg.remat.every} layers" if cfg.remat.policy != "none" else "")
+    remat += ", prevent_cse" if cfg.remat.prevent_cse and cfg.remat.policy != "none" else ""
     plan = pipeline.make_plan(cfg, run.degrees)
     param_bytes = memory.shard_bytes(state.params, run.shardings.params)
     opt_bytes = memory.shard_bytes(state.opt_state, run.shardings.opt_state)

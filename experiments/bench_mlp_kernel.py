@@ -265,6 +265,7 @@ def main() -> None:
         stages, group = (int(s) for s in setting.split(":"))
         this = sys.modules[__name__]
         this.STAGES, this.GROUP = stages, group
+        jax.clear_caches()  # the kernels read STAGES and GROUP when traced: trace them again
         fwd = jax.jit(bias_gelu_gemm)
         bwd = jax.jit(gelu_grad_gemm)
         try:

@@ -111,6 +111,7 @@ def measure(args: argparse.Namespace) -> dict:
         "seq_len": t.seq_len,
         "precision": config.precision.policy,
         "remat": config.remat.policy,
+        "remat_prevent_cse": config.remat.prevent_cse,
         "attention": attention_impl(
             config.model.attention, parse_policy(config.precision.policy).compute, config.model.head_dim
         ),

@@ -1,14 +1,15 @@
 """The GPU's SM clock and power while a benchmark runs, sampled by `nvidia-smi` (experiments only).
 
-    sampler = Sampler()          # starts `nvidia-smi -lms 50` on GPU 0 (nothing without nvidia-smi)
-    sampler.mark("windows")      # phases, on the host's clock
-    ...
-    sampler.mark("end")
-    sampler.summary()            # {"windows": {"samples", "sm_mhz_median", "sm_mhz_min", "power_w_median"}}
+    with Sampler() as sampler:   # runs `nvidia-smi -lms 50` on GPU 0 (nothing without nvidia-smi)
+        sampler.mark("windows")  # phases, on the host's clock
+        ...
+        sampler.mark("end")
+        sampler.summary()        # {"windows": {"samples", "sm_mhz_median", "sm_mhz_min", "power_w_median"}}
 
 Why: these H200s hold training at their 700 W power limit, where the SM clock falls well below its 1980 MHz
-maximum and differs between machines; after a pause the first steps run at a higher clock
-(experiments/RESULTS.md, thirteenth session). A step time is read with the clock and power it ran at.
+maximum and differs between machines (experiments/RESULTS.md, thirteenth session). A step time is read with
+the clock and power it ran at. `power.draw` is the driver's power reading, which recent drivers average over
+about a second: phases shorter than that read the power of the phase before.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import weakref
 from datetime import datetime
 
 
@@ -34,6 +36,19 @@ class Sampler:
                 stderr=subprocess.DEVNULL,
             )
             os.close(fd)
+            self._finalizer = weakref.finalize(self, _stop, self.proc, self.path)  # also on errors and at exit
+
+    def __enter__(self) -> Sampler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop nvidia-smi and remove its file (summary() does this too)."""
+        if self.proc is not None:
+            self._finalizer()
+            self.proc = None
 
     def mark(self, name: str) -> None:
         self.marks.append((name, time.time()))
@@ -58,7 +73,7 @@ class Sampler:
         self.proc.terminate()
         self.proc.wait()
         samples = self._samples()
-        os.unlink(self.path)
+        self.close()
         out = {}
         for (name, start), (_, end) in zip(self.marks, self.marks[1:], strict=False):
             inside = [(c, p) for t, c, p in samples if start <= t < end]
@@ -70,3 +85,11 @@ class Sampler:
                     "power_w_median": statistics.median(p for _, p in inside),
                 }
         return out
+
+
+def _stop(proc: subprocess.Popen, path: str) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait()
+    if os.path.exists(path):
+        os.unlink(path)

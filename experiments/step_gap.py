@@ -42,6 +42,7 @@ def main() -> None:
     args = parse_args()
     from dsjax import xla_flags
 
+    xla_flags.apply()  # as python -m dsjax.train does
     xla_flags.default_memory_fraction()
     import jax
 

@@ -54,6 +54,12 @@ def test_prevent_cse_gives_the_same_gradients_and_reaches_the_checkpoint(family)
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9, err_msg=f"prevent_cse={prevent_cse}")
         text = str(jax.make_jaxpr(fn)(same_params, SMALL_BATCH))
         assert f"prevent_cse={prevent_cse}" in text and f"prevent_cse={not prevent_cse}" not in text
+    # ... and the barriers reach the program XLA compiles
+    barriers = [
+        grad_fn("dots", 2, family, unrolled, pc)[0].lower(params, SMALL_BATCH).as_text().count("optimization_barrier")
+        for pc in (False, True)
+    ]
+    assert barriers[1] > barriers[0], barriers
 
 
 def test_prevent_cse_saves_memory_on_unrolled_llama_layers():
@@ -68,8 +74,10 @@ def test_prevent_cse_saves_memory_on_unrolled_llama_layers():
     assert temporaries(True) < temporaries(False)
 
 
-def test_preflight_offers_prevent_cse_only_where_it_helps(capsys, tmp_path):
+def test_preflight_offers_prevent_cse_only_where_it_helps(capsys):
     tight = ["--dry-run", "--train.memory_budget_gb=0.0001", *SMALL]
+    assert main(["--dry-run", "--remat.policy=dots", "--remat.prevent_cse=true", *SMALL]) == 0
+    assert "remat: dots every 1 layers, prevent_cse" in capsys.readouterr().out
     for extra, offered in [
         (["--remat.policy=dots", "--model.scan_layers=false"], True),
         (["--remat.policy=dots", "--model.scan_layers=false", "--remat.prevent_cse=true"], False),

@@ -44,8 +44,8 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
 
     Under autodiff in fp16, the compiled llama-1b step merges the backward pass's recomputed sigmoid with the
     forward pass's. It then keeps the forward pass's (B, T, F) result alive for the backward pass: one
-    activation more per layer. The remat groups of unrolled layers run with prevent_cse=False
-    (`dsjax.remat`), which allows such merges. In bf16 the two were not merged.
+    activation more per layer. By default the remat groups of unrolled layers run with prevent_cse=False
+    (`dsjax.remat`, remat.prevent_cse), which allows such merges. In bf16 the two were not merged.
 
     Measured on llama-1b at batch 12, one H200 (experiments/RESULTS.md). In fp16 the step took 66.5 GiB
     under autodiff and 63.5 GiB with `_swiglu_recomputed`. In bf16 autodiff took 60.5 GiB and the custom VJP
