@@ -27,12 +27,11 @@ import argparse
 import functools
 import json
 import math
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
+from back_to_back import us_per_call
 from jax import lax
 
 from dsjax.models import gelu
@@ -212,18 +211,6 @@ def gelu_grad_gemm(dy, w, z, interpret=None):
     return dz, sums.sum(axis=0)
 
 
-def timed(fn, *args, reps: int, calls: int = 20) -> float:
-    jax.block_until_ready(fn(*args))
-    runs = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        runs.append((time.perf_counter() - start) / calls)
-    return 1e6 * statistics.median(runs)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=32768)
@@ -255,10 +242,10 @@ def main() -> None:
     z32 = h.astype(jnp.float32) @ w1.astype(jnp.float32) + b1
     base = {"rows": R, "d": D, "f": F, "dtype": args.dtype, "device": jax.devices()[0].device_kind}
     unfused = {
-        "fwd_us": round(timed(fwd_unfused, h, w1, b1, reps=args.reps), 1),
-        "bwd_us": round(timed(bwd_unfused, dy, w2, u, b1, reps=args.reps), 1),
-        "gemm_alone_fwd_us": round(timed(jax.jit(lambda h, w: h @ w), h, w1, reps=args.reps), 1),
-        "gemm_alone_bwd_us": round(timed(jax.jit(lambda d, w: d @ w.T), dy, w2, reps=args.reps), 1),
+        "fwd_us": round(us_per_call(fwd_unfused, h, w1, b1, reps=args.reps), 1),
+        "bwd_us": round(us_per_call(bwd_unfused, dy, w2, u, b1, reps=args.reps), 1),
+        "gemm_alone_fwd_us": round(us_per_call(jax.jit(lambda h, w: h @ w), h, w1, reps=args.reps), 1),
+        "gemm_alone_bwd_us": round(us_per_call(jax.jit(lambda d, w: d @ w.T), dy, w2, reps=args.reps), 1),
     }
     print(json.dumps({**base, "variant": "cuBLAS + Pallas GELU", **unfused}), flush=True)
     for setting in args.settings.split(","):
@@ -272,8 +259,8 @@ def main() -> None:
             z, g = fwd(h, w1, b1)
             dz, db = bwd(dy, w2, z)
             row = {
-                "fwd_us": round(timed(fwd, h, w1, b1, reps=args.reps), 1),
-                "bwd_us": round(timed(bwd, dy, w2, z, reps=args.reps), 1),
+                "fwd_us": round(us_per_call(fwd, h, w1, b1, reps=args.reps), 1),
+                "bwd_us": round(us_per_call(bwd, dy, w2, z, reps=args.reps), 1),
                 "z_err": float(jnp.max(jnp.abs(z.astype(jnp.float32) - z32))),
                 "g_vs_pallas": float(jnp.max(jnp.abs(g.astype(jnp.float32) - g_ref.astype(jnp.float32)))),
                 "dz_vs_pallas": float(jnp.max(jnp.abs(dz.astype(jnp.float32) - du_ref.astype(jnp.float32)))),

@@ -14,23 +14,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
-
-
-def timed(fn, *args, calls: int, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    runs = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        runs.append((time.perf_counter() - start) / calls)
-    return 1e6 * statistics.median(runs)
+from back_to_back import us_per_call
 
 
 def main() -> None:
@@ -42,7 +29,7 @@ def main() -> None:
         b = (0.02 * jax.random.normal(jax.random.key(1), (k, n), jnp.float32)).astype(jnp.bfloat16)
         flops = 2 * m * n * k
         xla = jax.jit(jnp.dot)
-        us = timed(xla, a, b, calls=50, reps=5)
+        us = us_per_call(xla, a, b, calls=50, reps=5)
         print(json.dumps({"shape": name, "m": m, "k": k, "n": n, "impl": "xla", "us": round(us, 1),
                           "tflops": round(flops / us / 1e6, 1)}), flush=True)  # fmt: skip
         want = xla(a, b).astype(jnp.float32)
@@ -56,7 +43,7 @@ def main() -> None:
             )  # fmt: skip
             fn = jax.jit(lambda a, b, config=config: hm.matmul(a, b, None, config))
             try:
-                us = timed(fn, a, b, calls=20, reps=3)
+                us = us_per_call(fn, a, b, calls=20, reps=3)
             except Exception:  # a tuning that does not fit shared memory or the shape
                 continue
             err = float(jnp.max(jnp.abs(fn(a, b).astype(jnp.float32) - want)))
