@@ -97,6 +97,35 @@ def _norm(tree) -> jax.Array:
     return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
+def apply_gradients(
+    state: TrainState,
+    loss: jax.Array,
+    grads,
+    tx: optax.GradientTransformation,
+    scaler: GradientScaler,
+    schedule: optax.Schedule,
+) -> tuple[TrainState, dict]:
+    """The step after differentiation: unscale the (loss-scaled) gradients, apply the optimizer's update
+    only if every gradient is finite, update the loss scale, and the step's metrics."""
+    grads = scaler.unscale(grads, state.loss_scale)
+    grad_norm = _norm(grads)
+    params, opt_state, finite = scaler.step(tx, grads, state.opt_state, state.params, grad_norm)
+    loss_scale_state = scaler.update(state.loss_scale, finite)
+    applied = state.step - state.loss_scale.skipped_steps  # optimizer updates before this step
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "param_norm": _norm(params),
+        "update_norm": _norm(jax.tree.map(lambda new, old: new.astype(jnp.float32) - old, params, state.params)),
+        "lr": schedule(applied),
+        "loss_scale": state.loss_scale.scale,
+        "skipped_steps": loss_scale_state.skipped_steps,
+        "consecutive_skips": loss_scale_state.consecutive_skips,
+    }
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=loss_scale_state)
+    return new_state, metrics
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -154,23 +183,7 @@ def make_train_step(
             (total, summed), _ = jax.lax.scan(add, init, microbatches(batch, accum, mesh))
             loss = total / accum
             grads = jax.tree.map(lambda s, p: (s / accum).astype(p.dtype), summed, state.params)
-        grads = scaler.unscale(grads, state.loss_scale)
-        grad_norm = _norm(grads)
-        params, opt_state, finite = scaler.step(tx, grads, state.opt_state, state.params, grad_norm)
-        loss_scale_state = scaler.update(state.loss_scale, finite)
-        applied = state.step - state.loss_scale.skipped_steps  # optimizer updates before this step
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "param_norm": _norm(params),
-            "update_norm": _norm(jax.tree.map(lambda new, old: new.astype(jnp.float32) - old, params, state.params)),
-            "lr": schedule(applied),
-            "loss_scale": state.loss_scale.scale,
-            "skipped_steps": loss_scale_state.skipped_steps,
-            "consecutive_skips": loss_scale_state.consecutive_skips,
-        }
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=loss_scale_state)
-        return new_state, metrics
+        return apply_gradients(state, loss, grads, tx, scaler, schedule)
 
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
