@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
-from dsjax.config import Config, DataConfig, ModelConfig, TrainConfig, apply_overrides, preset
+from dsjax.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, apply_overrides, preset
 from dsjax.models import Decoder
 from dsjax.models.decoder import head_cross_entropy, head_matmul
 from dsjax.models.xent import logsumexp
@@ -169,3 +169,42 @@ def test_accelerator_presets_default_to_the_measured_fast_paths():
         kernels = (cfg.model.norm_kernel, cfg.model.loss_kernel, cfg.model.gelu_kernel, cfg.model.qkv_kernel)
         assert kernels == ("auto",) * 4
     assert apply_overrides(preset("gpt2-124m"), {"model.scan_layers": "true"}).model.scan_layers is True
+
+
+def test_without_pallas_triton_backend_auto_takes_xla_and_pallas_is_a_config_error(monkeypatch):
+    """jax 0.11 deprecated Pallas's Triton backend for removal. Without it (here: its import blocked), the
+    kernels' 'auto' settings take XLA on GPUs, the decoder runs without importing it, and an explicit
+    'pallas' names the missing backend."""
+    import functools
+    import sys
+
+    import jax.experimental.pallas as pallas_pkg
+
+    from dsjax.models import gelu, layers, norms, qkv, xent
+
+    monkeypatch.delattr(pallas_pkg, "triton", raising=False)
+    monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)  # the import raises ImportError
+    monkeypatch.setattr(layers, "triton_available", functools.cache(layers.triton_available.__wrapped__))
+    assert layers.triton_available() is False
+    for module in (norms, gelu, qkv, xent):
+        monkeypatch.setattr(module, "sharding_platform", lambda sharding: "gpu")
+    monkeypatch.setattr(xent, "hopper_or_newer", lambda sharding=None: False)
+    assert norms.resolve("auto", 768) == gelu.resolve("auto", jnp.bfloat16) == qkv.resolve("auto") == "xla"
+    assert xent.resolve("auto", None, 50304, jnp.bfloat16, jnp.bfloat16) == "xla"
+    missing = r"model\.{}='pallas' is a Pallas kernel on Pallas's Triton backend, which jax \S+ does not have"
+    for field, resolve in [
+        ("norm_kernel", lambda: norms.resolve("pallas", 768)),
+        ("gelu_kernel", lambda: gelu.resolve("pallas", jnp.bfloat16)),
+        ("qkv_kernel", lambda: qkv.resolve("pallas")),
+        ("loss_kernel", lambda: xent.resolve("pallas")),
+    ]:
+        with pytest.raises(ConfigError, match=missing.format(field)):
+            resolve()
+
+    losses = []
+    for kernel in ("auto", "xla"):
+        fields = {f"{name}_kernel": kernel for name in ("norm", "gelu", "qkv", "loss")}
+        cfg = ModelConfig(**{**FAMILIES["gpt2"].__dict__, **fields})
+        graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+        losses.append(jax.jit(jax.value_and_grad(lambda p, g=graphdef: loss_fn(g, p, BATCH, None)))(params)[0])
+    assert losses[0] == losses[1]

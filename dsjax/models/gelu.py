@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import GELU_KERNELS, ConfigError
+from dsjax.models import layers
 from dsjax.models.layers import (
     activation_spec,
     as_rows,
@@ -215,11 +216,15 @@ def _mapper(sharding: NamedSharding):
 
 
 def resolve(impl: str, dtype, sharding: NamedSharding | None = None) -> str:
-    """'auto' -> 'pallas' for 16-bit activations on GPUs, 'xla' otherwise (fp32 keeps the exact tanh)."""
+    """'auto' -> 'pallas' for 16-bit activations on GPUs, 'xla' otherwise (fp32 keeps the exact tanh) and
+    where jax lacks Pallas's Triton backend."""
     if impl not in GELU_KERNELS:
         raise ConfigError(f"model.gelu_kernel must be one of {GELU_KERNELS}, got {impl!r}.")
     if impl == "auto":
-        return "pallas" if sharding_platform(sharding) == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
+        gpu = sharding_platform(sharding) == "gpu" and layers.triton_available()
+        return "pallas" if gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
+    if impl == "pallas":
+        layers.check_triton("gelu_kernel", impl)
     return impl
 
 

@@ -69,6 +69,26 @@ def sharding_platform(sharding: jax.sharding.NamedSharding | None) -> str:
     return next(iter(sharding.mesh.devices.flat)).platform if sharding is not None else jax.default_backend()
 
 
+@functools.cache
+def triton_available() -> bool:
+    """Whether this jax has Pallas's Triton backend, which the norm, GELU, q/k/v and Triton loss kernels are
+    written for. jax 0.11 deprecated it for removal; without it their 'auto' settings take XLA."""
+    try:
+        from jax.experimental.pallas import triton as plgpu
+    except ImportError:
+        return False
+    return hasattr(plgpu, "CompilerParams")
+
+
+def check_triton(field: str, value: str) -> None:
+    """ConfigError for an explicit Pallas Triton kernel setting (model.FIELD=VALUE) this jax cannot run."""
+    if not triton_available():
+        raise ConfigError(
+            f"model.{field}={value!r} is a Pallas kernel on Pallas's Triton backend, which jax {jax.__version__} "
+            f"does not have (jax 0.11 deprecated it); use model.{field}=auto, which takes XLA's fusions instead."
+        )
+
+
 def splits_last_axis(sharding: jax.sharding.NamedSharding | None) -> bool:
     """Whether a (B, T, X) activation with `sharding` has its last axis split over devices (the vocabulary
     of the logits, the features of the residual stream): kernels that need whole rows cannot take it."""

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import NORM_KERNELS, ConfigError
+from dsjax.models import layers
 from dsjax.models.layers import activation_spec, as_rows, row_axes, sharding_platform, splits_last_axis
 from dsjax.sharding import named
 
@@ -358,12 +359,16 @@ def _mapper(sharding: NamedSharding):
 def resolve(impl: str, width: int, sharding: NamedSharding | None = None, rms: bool = False) -> str:
     """'auto' -> 'pallas' for LayerNorm on GPUs (widths up to MAX_PALLAS_WIDTH, whole rows on each device),
     'xla' elsewhere and for RMSNorm: on llama-1b the kernels were no faster than XLA's fusions and the step
-    took 2.1 GiB more (experiments/RESULTS.md). An explicit 'pallas' that cannot run is a ConfigError."""
+    took 2.1 GiB more (experiments/RESULTS.md); XLA too where jax lacks Pallas's Triton backend. An
+    explicit 'pallas' that cannot run is a ConfigError."""
     if impl not in NORM_KERNELS:
         raise ConfigError(f"model.norm_kernel must be one of {NORM_KERNELS}, got {impl!r}.")
     fits = width <= MAX_PALLAS_WIDTH and not splits_last_axis(sharding)
     if impl == "auto":
-        return "pallas" if sharding_platform(sharding) == "gpu" and fits and not rms else "xla"
+        gpu = sharding_platform(sharding) == "gpu" and layers.triton_available()
+        return "pallas" if gpu and fits and not rms else "xla"
+    if impl == "pallas":
+        layers.check_triton("norm_kernel", impl)
     if impl == "pallas" and not fits:
         raise ConfigError(
             f"model.norm_kernel='pallas' holds whole rows of the activations in registers: it needs "

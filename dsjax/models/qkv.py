@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import QKV_KERNELS, ConfigError
+from dsjax.models import layers
 from dsjax.models.layers import as_rows, row_axes, row_tiles_with_column_sums, sharding_platform
 from dsjax.sharding import named
 
@@ -128,11 +129,13 @@ def _mapper(sharding: NamedSharding):
 
 
 def resolve(impl: str, sharding: NamedSharding | None = None) -> str:
-    """'auto' -> 'pallas' on GPUs, 'xla' elsewhere."""
+    """'auto' -> 'pallas' on GPUs, 'xla' elsewhere and where jax lacks Pallas's Triton backend."""
     if impl not in QKV_KERNELS:
         raise ConfigError(f"model.qkv_kernel must be one of {QKV_KERNELS}, got {impl!r}.")
     if impl == "auto":
-        return "pallas" if sharding_platform(sharding) == "gpu" else "xla"
+        return "pallas" if sharding_platform(sharding) == "gpu" and layers.triton_available() else "xla"
+    if impl == "pallas":
+        layers.check_triton("qkv_kernel", impl)
     return impl
 
 

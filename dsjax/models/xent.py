@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import LOSS_KERNELS, ConfigError
+from dsjax.models import layers
 from dsjax.models.layers import activation_spec, as_rows, sharding_platform, splits_last_axis
 
 # logits of a row read per loop iteration (a power of two, as Triton needs) and warps per row, by the bytes of
@@ -332,7 +333,8 @@ def resolve(
     impl: str, sharding: NamedSharding | None = None, vocab: int | None = None, dtype=None, grad_dtype=None
 ) -> str:
     """'auto' -> 'mosaic' on Hopper GPUs when the row fits it (`vocab`, `dtype` and `grad_dtype` given),
-    else 'pallas' on GPUs when the logits' vocabulary axis is not split over devices, else 'xla'.
+    else 'pallas' on GPUs when the logits' vocabulary axis is not split over devices and jax has Pallas's
+    Triton backend, else 'xla'.
     An explicit kernel that cannot take the logits is a ConfigError that says why."""
     if impl not in LOSS_KERNELS:
         raise ConfigError(f"model.loss_kernel must be one of {LOSS_KERNELS}, got {impl!r}.")
@@ -341,12 +343,16 @@ def resolve(
     if impl == "auto":
         if not on_gpu or splits_last_axis(sharding):
             return "xla"
-        return "mosaic" if vocab is not None and problem is None and hopper_or_newer(sharding) else "pallas"
+        if vocab is not None and problem is None and hopper_or_newer(sharding):
+            return "mosaic"
+        return "pallas" if layers.triton_available() else "xla"
     if impl in ("pallas", "mosaic") and splits_last_axis(sharding):
         raise ConfigError(
             f"model.loss_kernel={impl!r} needs whole vocabulary rows on each device, but the logits are split "
             f"as {tuple(sharding.spec)} (tensor parallelism splits the vocabulary); use model.loss_kernel=auto."
         )
+    if impl == "pallas":
+        layers.check_triton("loss_kernel", impl)
     if impl == "mosaic":
         if problem is not None:
             raise ConfigError(f"model.loss_kernel='mosaic' cannot take these logits: {problem}; use 'auto'.")
