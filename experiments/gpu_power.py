@@ -1,6 +1,6 @@
 """The GPU's SM clock and power while a benchmark runs, sampled by `nvidia-smi` (experiments only).
 
-    with Sampler() as sampler:   # runs `nvidia-smi -lms 50` on GPU 0 (nothing without nvidia-smi)
+    with Sampler() as sampler:   # runs `nvidia-smi -lms 50` on the first visible GPU (nothing without nvidia-smi)
         sampler.mark("windows")  # phases, on the host's clock
         ...
         sampler.mark("end")
@@ -24,9 +24,16 @@ import weakref
 from datetime import datetime
 
 
+def first_visible_gpu() -> str:
+    """The GPU that jax numbers 0, as nvidia-smi -i takes it: the first entry of CUDA_VISIBLE_DEVICES (an index
+    or a UUID), else "0". nvidia-smi itself ignores CUDA_VISIBLE_DEVICES."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() or "0"
+
+
 class Sampler:
-    def __init__(self, gpu: int = 0, every_ms: int = 50):
+    def __init__(self, gpu: int | str | None = None, every_ms: int = 50):
         self.proc, self.marks, self.path = None, [], None
+        gpu = first_visible_gpu() if gpu is None else gpu
         if shutil.which("nvidia-smi"):
             fd, self.path = tempfile.mkstemp(suffix=".csv")
             query = "--query-gpu=timestamp,clocks.sm,power.draw"
