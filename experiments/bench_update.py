@@ -6,11 +6,12 @@ Usage (from the repository root, on a GPU machine):
 
 The tail is `dsjax.step.apply_gradients` (unscale, global norm, the optimizer's update applied only if
 every gradient is finite, the loss scale, the metrics). It is jitted with the state donated, as in the
-train step, and fed the preset's real state (its parameters and optimizer state, on the device) and
-random fp32 gradients of the parameters' shapes. Each variant below changes one thing against the
-formulation the train step used before; the lower bounds drop work the step must do, to show what it costs.
-One JSON line per variant: microseconds per call (median of --reps runs of --calls chained calls, one block
-per run) and the copies of parameter-shaped arrays in XLA's optimized program.
+train step, and fed the preset's freshly initialised state (its parameters and optimizer state, on the
+device) and random fp32 gradients of the parameters' shapes. Each variant below changes one thing against
+the committed formulation; the lower bounds drop work the step must do, to show what it costs. One JSON line
+per variant: microseconds per call (median of --reps runs of --calls chained calls, one block per run) and
+the copy instructions of parameter-shaped arrays in XLA's optimized HLO (XLA may run several as one copy
+kernel, so a profile can show fewer).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ _norm = step_lib._norm
 
 
 def tail(state, loss, grads, tx, scaler, schedule, *, update_norm="diff", param_norm=True, select=True):
-    """The tail as the train step wrote it up to the fourteenth session (the defaults), or with one part
-    changed. update_norm: 'diff' (new minus old parameters), 'updates' (the optimizer's update),
+    """The committed tail (the defaults; without the loss-scale metrics, which are scalars), or with one
+    part changed. update_norm: 'diff' (new minus old parameters), 'updates' (the optimizer's update),
     'variadic' (both norms' sums of squares in one reduction), 'squares' ((new - old)^2 written out,
     then summed) or 'none'. param_norm: True, 'barrier' (an optimization barrier between the update and
     the norm of the new parameters) or False. select=False applies the update whether or not the
@@ -107,7 +108,7 @@ def hlo_dtype(dtype) -> str:
 
 
 def param_copies(hlo: str, shapes: set[str]) -> int:
-    """Copies in an optimized HLO module whose result has one of the parameters' shapes."""
+    """Copy instructions in an optimized HLO module whose result has one of the parameters' shapes."""
     return sum(1 for m in re.finditer(r"= (\w+\[[\d,]*\])\S* copy(?:-start)?\(", hlo) if m.group(1) in shapes)
 
 
@@ -135,10 +136,7 @@ def main() -> None:
     )
     grads = jax.device_put(grads, run.shardings.params)
     loss = jnp.float32(3.0)
-    shapes = {
-        f"{p.dtype.name.replace('float', 'f').replace('bfloat16', 'bf16')}[{','.join(map(str, p.shape))}]"
-        for p in leaves
-    }
+    shapes = {f"{hlo_dtype(p.dtype)}[{','.join(map(str, p.shape))}]" for p in leaves}
     n_params = sum(p.size for p in leaves)
 
     for name in args.variants.split(","):

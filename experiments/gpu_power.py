@@ -26,7 +26,8 @@ from datetime import datetime
 
 def first_visible_gpu() -> str:
     """The GPU that jax numbers 0, as nvidia-smi -i takes it: the first entry of CUDA_VISIBLE_DEVICES (an index
-    or a UUID), else "0". nvidia-smi itself ignores CUDA_VISIBLE_DEVICES."""
+    or a UUID), else "0". nvidia-smi itself ignores CUDA_VISIBLE_DEVICES. CUDA numbers GPUs fastest first and
+    nvidia-smi in PCI order; the two agree on machines of identical GPUs (else set CUDA_DEVICE_ORDER=PCI_BUS_ID)."""
     return os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() or "0"
 
 

@@ -188,6 +188,8 @@ def test_without_pallas_triton_backend_auto_takes_xla_and_pallas_is_a_config_err
     assert layers.triton_available() is False
     for module in (norms, gelu, qkv, xent):
         monkeypatch.setattr(module, "sharding_platform", lambda sharding: "gpu")
+    monkeypatch.setattr(xent, "hopper_or_newer", lambda sharding=None: True)
+    assert xent.resolve("auto", None, 50304, jnp.bfloat16, jnp.bfloat16) == "mosaic"  # Mosaic GPU, not Triton
     monkeypatch.setattr(xent, "hopper_or_newer", lambda sharding=None: False)
     assert norms.resolve("auto", 768) == gelu.resolve("auto", jnp.bfloat16) == qkv.resolve("auto") == "xla"
     assert xent.resolve("auto", None, 50304, jnp.bfloat16, jnp.bfloat16) == "xla"

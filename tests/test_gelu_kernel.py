@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from training import assert_decoder_settings_agree
+from training import assert_decoder_settings_agree, needs_triton
 
 from dsjax.config import ConfigError, ModelConfig
 from dsjax.mesh import make_mesh
@@ -21,6 +21,8 @@ from dsjax.models import gelu
 from dsjax.sharding import named
 
 SHAPE = (2, 37, 600)  # rows and features that are not multiples of the kernels' tiles
+
+pytestmark = needs_triton
 
 
 def inputs(dtype, shape=SHAPE):

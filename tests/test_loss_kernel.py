@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from training import assert_decoder_settings_agree
+from training import assert_decoder_settings_agree, needs_triton
 
 from dsjax.config import ConfigError, ModelConfig
 from dsjax.mesh import make_mesh
@@ -64,7 +64,7 @@ def reference(logits, labels):
 
 
 @pytest.mark.parametrize("vocab", [200, 2048, 2500])  # under one block, exactly one, and a partial last block
-@pytest.mark.parametrize("kernel", ["xla", "pallas"])
+@pytest.mark.parametrize("kernel", ["xla", pytest.param("pallas", marks=needs_triton)])
 def test_loss_and_gradient_match_float64(kernel, vocab):
     logits, labels = random_case((2, 3), vocab)
     loss, grad = jax.jit(lambda a, b: xent.loss_and_unit_grad(a, b, jnp.float32, kernel))(logits, labels)
@@ -124,6 +124,7 @@ def test_the_mosaic_kernel_lowers_for_gpus():
     assert text.count("mosaic_gpu") >= 1 and text.count("custom_call") == 1
 
 
+@needs_triton
 def test_auto_takes_the_mosaic_kernel_where_the_row_fits(monkeypatch):
     monkeypatch.setattr(xent, "sharding_platform", lambda sharding: "gpu")
     monkeypatch.setattr(xent, "hopper_or_newer", lambda sharding=None: True)
@@ -151,6 +152,7 @@ def test_the_mosaic_kernel_off_gpus_needs_the_interpreter(monkeypatch):
         xent.loss_and_unit_grad(logits, labels, jnp.float32, "mosaic")
 
 
+@needs_triton
 def test_the_kernel_writes_the_compute_dtype():
     logits, labels = random_case((4,), 300, seed=1)
     got = [xent.loss_and_unit_grad(logits, labels, jnp.bfloat16, k)[1] for k in ("pallas", "xla")]
@@ -158,6 +160,7 @@ def test_the_kernel_writes_the_compute_dtype():
     np.testing.assert_allclose(got[0].astype(jnp.float32), got[1].astype(jnp.float32), atol=2**-8)
 
 
+@needs_triton
 @pytest.mark.parametrize("degrees", [dict(data=2, fsdp=4), dict(data=2, pipeline=2, fsdp=2)])
 def test_the_kernel_runs_on_each_devices_rows(degrees):
     mesh = make_mesh({"data": 1, "pipeline": 1, "fsdp": 1, "tensor": 1, **degrees})
@@ -176,6 +179,7 @@ def test_the_kernel_runs_on_each_devices_rows(degrees):
     np.testing.assert_allclose(grad, want_grad, atol=1e-5)
 
 
+@needs_triton
 def test_auto_takes_the_kernel_on_gpus_unless_the_vocabulary_is_split(monkeypatch):
     assert xent.resolve("auto") == "xla"  # these CPUs
     monkeypatch.setattr(xent, "sharding_platform", lambda sharding: "gpu")
@@ -191,6 +195,7 @@ def test_auto_takes_the_kernel_on_gpus_unless_the_vocabulary_is_split(monkeypatc
         ModelConfig(loss_kernel="triton")
 
 
+@needs_triton
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_decoder_loss_and_gradients_equal_for_both_kernels(family):
     assert_decoder_settings_agree(family, "loss_kernel", ("xla", "pallas"))
@@ -201,6 +206,7 @@ def test_decoder_loss_and_gradients_equal_with_the_mosaic_kernel():
     assert_decoder_settings_agree("gpt2", "loss_kernel", ("xla", "mosaic"))
 
 
+@needs_triton
 def test_the_chunked_loss_keeps_xla_under_auto(monkeypatch):
     """With train.loss_chunk the forward pass is recomputed under checkpoint: 'auto' takes XLA's
     implementation there (its forward skips the gradient), the kernel elsewhere."""

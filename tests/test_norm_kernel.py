@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from training import assert_decoder_settings_agree
+from training import assert_decoder_settings_agree, needs_triton
 
 from dsjax.config import (
     Config,
@@ -29,6 +29,8 @@ from dsjax.models import norms
 from dsjax.sharding import named
 from dsjax.step import loss_fn
 from dsjax.train import batch_at, build
+
+pytestmark = needs_triton
 
 
 def case(shape, layer: bool, with_y: bool, with_b: bool, dtype=jnp.float32, seed=0):

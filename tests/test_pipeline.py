@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from training import models, train_steps
+from training import models, needs_triton, train_steps
 
 from dsjax import pipeline
 from dsjax.config import (
@@ -166,6 +166,7 @@ def test_1f1b_with_stage_recompute_matches_single_device():
         assert_trees_close(grads[step], ref_grads[step], rtol=1e-5, norm=True)
 
 
+@needs_triton
 def test_1f1b_with_the_norm_kernels_matches_single_device():
     """The Pallas norm, GELU and q/k/v kernels (interpreted here) inside the stages: under shard_map per device,
     their residuals split into the 1F1B rings and rebuilt for the backward pass. (GPipe and circular

@@ -13,12 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from training import assert_decoder_settings_agree
+from training import assert_decoder_settings_agree, needs_triton
 
 from dsjax.config import ConfigError, ModelConfig
 from dsjax.mesh import make_mesh
 from dsjax.models import qkv as qkv_mod
 from dsjax.sharding import named
+
+pytestmark = needs_triton
 
 
 def inputs(dtype, B=2, T=13, N=3, H=40):  # rows and columns that are not multiples of the kernel's tiles

@@ -4,12 +4,17 @@ a small model (CLI and multi-process tests)."""
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from dsjax.config import Config, ModelConfig
 from dsjax.models import Decoder
+from dsjax.models.layers import triton_available
 from dsjax.step import loss_fn
 from dsjax.train import batch_at, build
+
+# The norm, GELU, q/k/v and Triton loss kernels are written for Pallas's Triton backend (deprecated in jax 0.11).
+needs_triton = pytest.mark.skipif(not triton_available(), reason="this jax lacks Pallas's Triton backend")
 
 # A small model for command-line runs: compile time, and so test time, grows with the model.
 SMALL_FLAGS = [

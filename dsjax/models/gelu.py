@@ -221,8 +221,8 @@ def resolve(impl: str, dtype, sharding: NamedSharding | None = None) -> str:
     if impl not in GELU_KERNELS:
         raise ConfigError(f"model.gelu_kernel must be one of {GELU_KERNELS}, got {impl!r}.")
     if impl == "auto":
-        gpu = sharding_platform(sharding) == "gpu" and layers.triton_available()
-        return "pallas" if gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
+        gpu = sharding_platform(sharding) == "gpu"
+        return "pallas" if gpu and jnp.dtype(dtype).itemsize == 2 and layers.triton_available() else "xla"
     if impl == "pallas":
         layers.check_triton("gelu_kernel", impl)
     return impl

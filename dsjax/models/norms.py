@@ -365,8 +365,8 @@ def resolve(impl: str, width: int, sharding: NamedSharding | None = None, rms: b
         raise ConfigError(f"model.norm_kernel must be one of {NORM_KERNELS}, got {impl!r}.")
     fits = width <= MAX_PALLAS_WIDTH and not splits_last_axis(sharding)
     if impl == "auto":
-        gpu = sharding_platform(sharding) == "gpu" and layers.triton_available()
-        return "pallas" if gpu and fits and not rms else "xla"
+        gpu = sharding_platform(sharding) == "gpu"
+        return "pallas" if gpu and fits and not rms and layers.triton_available() else "xla"
     if impl == "pallas":
         layers.check_triton("norm_kernel", impl)
     if impl == "pallas" and not fits:

@@ -361,7 +361,7 @@ def resolve(
             raise ConfigError(
                 "model.loss_kernel='mosaic' needs an NVIDIA GPU of compute capability 9.0 or newer (Hopper), "
                 f"got {device.device_kind} (compute capability {getattr(device, 'compute_capability', 'none')}); "
-                "use model.loss_kernel=auto, which takes the Triton kernel on older GPUs."
+                "use model.loss_kernel=auto, which takes the Triton kernel (or XLA) on older GPUs."
             )
         if not on_gpu and not mosaic_interpretable():
             raise ConfigError(
