@@ -481,7 +481,7 @@ class Checkpointer:
                     f"(there are: {steps or 'none'})."
                 )
             return self._restore_first(self, [s for s in steps[::-1] if s <= step], target)
-        path = Path(choice)
+        path = Path(choice).expanduser()
         if not path.exists():
             raise ConfigError(f"--checkpoint.restore={choice!r}: {path.absolute()} does not exist.")
         is_step = path.name.isdigit() and ((path / "meta").exists() or (path / MANIFEST).exists())
@@ -495,7 +495,12 @@ class Checkpointer:
             if is_step:
                 steps = [s for s in steps if s <= int(path.name)]
             if not steps:
-                raise ConfigError(f"--checkpoint.restore={choice!r}: {path.absolute()} holds no finalized checkpoint.")
+                hint = ""
+                if (path / "checkpoints").is_dir():
+                    hint = f" It looks like a run directory: its checkpoints are in {path.absolute() / 'checkpoints'}."
+                raise ConfigError(
+                    f"--checkpoint.restore={choice!r}: {path.absolute()} holds no finalized checkpoint.{hint}"
+                )
             return self._restore_first(other, steps[::-1], target)
         finally:
             if other is not self:
@@ -539,7 +544,7 @@ class Checkpointer:
             raise ConfigError(
                 f"checkpoint {step_dir} does not hold this model's train state: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}. Restore it with the model config it was saved with "
-                "(see its meta/config), or start fresh with --checkpoint.restore=none."
+                "(see its meta/config), or start a fresh run in a new --out."
             )
         for key, want in wanted.items():
             have = stored[key]
@@ -547,7 +552,7 @@ class Checkpointer:
                 raise ConfigError(
                     f"checkpoint {step_dir}: parameter {key} has shape {tuple(have.shape)} in the checkpoint "
                     f"but {tuple(want.shape)} in this model; restore with the model config it was saved with "
-                    "or start fresh with --checkpoint.restore=none."
+                    "or start a fresh run in a new --out."
                 )
         abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in wanted.items()}
         items = self.manager.restore(

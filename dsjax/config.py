@@ -223,6 +223,11 @@ class DataConfig:
             self.source not in ("text", "tokens") or self.path,
             f"data.source={self.source!r} reads local files: set data.path to a file or directory.",
         )
+        _require(
+            self.source in ("text", "tokens") or not self.path,
+            f"data.path={self.path!r} is read only by data.source='text' or 'tokens', and data.source is "
+            f"{self.source!r}: add --data.source=text (or tokens for .bin files), or drop data.path.",
+        )
         _require(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.val_fraction}.")
 
 

@@ -19,12 +19,17 @@ from dsjax.config import Config, ConfigError, MeshConfig, check_tensor_degree
 from dsjax.jobenv import cpu_thread_env
 from dsjax.sharding import MESH_AXES
 
+MAX_CPU_DEVICES = 512
+
 
 def simulate_cpu_devices(n: int) -> None:
     """Make JAX expose `n` CPU devices, with the threads their collectives need (jobenv.cpu_thread_env).
     Must run before JAX initialises a backend (first array op)."""
-    if n < 1:
-        raise ConfigError(f"--cpu-devices must be a positive integer, got {n}.")
+    if not 1 <= n <= MAX_CPU_DEVICES:
+        raise ConfigError(
+            f"--cpu-devices must be between 1 and {MAX_CPU_DEVICES}, got {n}: each simulated device brings its "
+            "own threads, and thousands of them take minutes to start and stop on one machine."
+        )
     os.environ.update(cpu_thread_env(n))
     os.environ["JAX_PLATFORMS"] = "cpu"
     jax.config.update("jax_platforms", "cpu")

@@ -365,6 +365,12 @@ def restore(run: Run, checkpointer: ckpt.Checkpointer, log: Callable[[str], None
     be built with abstract=True: the checkpoint is then read without ever initialising a state."""
     restored = checkpointer.restore(abstract_state(run))
     if restored is not None:
+        step, steps = int(jax.device_get(restored.state.step)), run.config.train.steps
+        if step > steps:
+            raise ConfigError(
+                f"checkpoint {restored.path} is at step {step}, past train.steps={steps}: a run cannot train "
+                f"backwards. Give --train.steps={step} or more to go on from it, or start a new run in a new --out."
+            )
         use_restored(run, restored, log)
     return restored
 
@@ -399,15 +405,17 @@ def train(
     """
     goodput = Goodput()
     c = config.checkpoint
+    out = None if out is None else Path(out).expanduser()
     if out is not None:
-        own = Path(c.dir) if c.dir else Path(out) / "checkpoints"
+        own = Path(c.dir).expanduser() if c.dir else out / "checkpoints"
         out_dir = _check_out(out, resumable=c.enabled and c.restore != "none" and _holds_checkpoints(own))
     else:
         out_dir = None
     distributed.sync("out-checked")  # no process may see another's files as an older run's
     directory = None
     if c.enabled and (c.dir or out_dir is not None):
-        directory = Path(c.dir) if c.dir else out_dir / "checkpoints"
+        directory = Path(c.dir).expanduser() if c.dir else out_dir / "checkpoints"
+        _check_writable_dir(directory, "--checkpoint.dir" if c.dir else "the run's checkpoints directory")
     if c.rollback_on_nonfinite and directory is None:
         raise ConfigError(
             "--checkpoint.rollback_on_nonfinite=true needs checkpoints to roll back to: give the run a "
@@ -438,9 +446,21 @@ def _train(
     checkpointer, restored = None, None
     if will_restore:
         checkpointer = ckpt.Checkpointer(directory, c, log)
-        with monitor.goodput.timed("restart"):  # reading the state back is time lost to the restart
-            restored = restore(run, checkpointer, log)
+        try:
+            with monitor.goodput.timed("restart"):  # reading the state back is time lost to the restart
+                restored = restore(run, checkpointer, log)
+        except BaseException:
+            checkpointer.close()
+            raise
         materialize(run)  # nothing was restored: start from the initialisation
+
+    if restored is not None and out_dir is not None:
+        changed = _changed_data_settings(out_dir, config)
+        if changed:
+            log(
+                f"warning: resuming with data settings other than the saved run's ({', '.join(changed)}); the "
+                "checkpoint fixes the model and the data position, so training goes on with these."
+            )
 
     def open_outputs() -> None:  # once the step has compiled and passed the memory preflight
         if out_dir is None:
@@ -478,6 +498,26 @@ def _train(
     return run, history
 
 
+RESUME_SENSITIVE = ("data.source", "data.path", "data.tokenizer", "data.val_fraction", "train.seed", "train.seq_len")
+
+
+def _changed_data_settings(out_dir: Path, config: Config) -> list[str]:
+    """The settings that choose the data (RESUME_SENSITIVE) that differ from the run's saved config.json,
+    as 'field old -> new' (none when there is no readable config.json)."""
+    try:
+        saved = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    now = config.to_dict()
+    changed = []
+    for key in RESUME_SENSITIVE:
+        section, field = key.split(".")
+        old, new = saved.get(section, {}).get(field, now[section][field]), now[section][field]
+        if old != new:
+            changed.append(f"{key} {old!r} -> {new!r}")
+    return changed
+
+
 def _last_logged_step(out_dir: Path) -> int:
     """The last training step an earlier attempt logged in out_dir/metrics.jsonl (0 if none): steps up to
     it that this attempt runs again are time lost to the restart."""
@@ -497,6 +537,17 @@ def _holds_checkpoints(directory: Path) -> bool:
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
+def _check_writable_dir(path: Path, name: str) -> None:
+    """ConfigError unless `path` is a writable directory or can be created as one: checked before anything
+    compiles or trains, so the saves cannot fail after the training they were to keep."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{name} ({path}) is a file; checkpoints are saved into a directory.")
+    ancestor = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        what = "is not a directory" if not ancestor.is_dir() else "is not writable"
+        raise ConfigError(f"{name} ({path}) cannot take checkpoints: {ancestor} {what}.")
+
+
 def _check_out(out: str | Path, resumable: bool = False) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
@@ -504,6 +555,8 @@ def _check_out(out: str | Path, resumable: bool = False) -> Path:
     ancestor = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
         what = "is not a directory" if not ancestor.is_dir() else "is not writable"
+        if ancestor == path.absolute():
+            raise ConfigError(f"--out={str(out)!r} {what}.")
         raise ConfigError(f"--out={str(out)!r} cannot be created: {ancestor} {what}.")
     if path.is_dir() and any(path.iterdir()):
         if resumable and (path / "config.json").is_file():
@@ -580,9 +633,11 @@ def _main(argv: Sequence[str]) -> int:
             memory.preflight(config, compiled.memory_analysis(), jax.local_devices()[0], run.degrees)
         except ConfigError as err:
             say(f"preflight: a real run would stop here: {err}")
+            say("dry run: compiled the train step; nothing was trained.")
+            return 2
         say("dry run: compiled the train step; nothing was trained.")
         return 0
-    out = Path(options["out"]) if options["out"] else _default_out(options["preset"])
+    out = Path(options["out"]).expanduser() if options["out"] else _default_out(options["preset"])
     try:
         run, _ = train(config, out, progress=primary, log=say)
     except TrainingError:

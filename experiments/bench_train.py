@@ -38,18 +38,26 @@ import time
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="gpt2-124m")
+    parser.add_argument("--preset", default="gpt2-124m", help="a dsjax preset (default gpt2-124m)")
     parser.add_argument("--batch", type=int, help="global batch size (train.batch_size)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1|V2", help="sweep (one process each)")
     parser.add_argument("--xla", default="default", help="'default', 'none' or an XLA_FLAGS string")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling (default 3)")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed window (one block per window)")
-    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--windows", type=int, default=3, help="timed windows; the median is reported (default 3)")
     parser.add_argument("--profile", help="trace --profile-steps more steps into this directory and summarise them")
     parser.add_argument("--profile-steps", type=int, default=20, help="steps traced with --profile")
     parser.add_argument("--out", help="also append the JSON line(s) to this file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name, least in (("batch", 1), ("warmup", 0), ("steps", 1), ("windows", 1), ("profile_steps", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+    for spec in args.set:
+        if "=" not in spec:
+            parser.error(f"--set={spec!r}: expected KEY=VALUE, e.g. --set=mesh.fsdp=2")
+    return args
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -94,9 +102,13 @@ def measure(args: argparse.Namespace) -> dict:
     from dsjax.train import batches, build, prepare
 
     overrides = dict(s.split("=", 1) for s in args.set)
-    if args.batch:
+    if args.batch is not None:
         overrides["train.batch_size"] = str(args.batch)
-    config = apply_overrides(preset(args.preset), {"data.source": "synthetic", **overrides})
+    try:
+        config = apply_overrides(preset(args.preset), {"data.source": "synthetic", **overrides})
+    except ConfigError as e:
+        print(f"bench_train: error: {e}", file=sys.stderr)
+        sys.exit(2)
     devices = jax.devices()
     t = config.train
     result = {

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -477,6 +478,52 @@ def test_rerunning_a_finished_run_restores_it_and_trains_nothing(tmp_path):
     again, history = train.train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
     assert_same_state(first.state, again.state)
     assert not [r for r in history if "loss" in r]
+
+
+def test_resuming_with_fewer_steps_than_the_checkpoint_is_refused_and_writes_nothing(tmp_path):
+    train.train(config(steps=4, mesh=MeshConfig()), tmp_path / "run", progress=False, log=lambda _: None)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=r"at step 4, past train\.steps=2.*--train\.steps=4 or more"):
+        train.train(config(steps=2, mesh=MeshConfig()), tmp_path / "run", progress=False, log=lambda _: None)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("where", ["a file", "read-only"])
+def test_an_unusable_checkpoint_directory_is_refused_before_training(tmp_path, monkeypatch, where):
+    target = tmp_path / "ckpt"
+    if where == "a file":
+        target.write_text("x")
+        fragment = "is a file"
+    else:
+        target.mkdir()
+        real_access = os.access  # root may write anywhere: the directory reads as read-only to the check
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == target else real_access(p, mode))
+        fragment = "is not writable"
+    cfg = config(mesh=MeshConfig(), dir=str(target))
+    with pytest.raises(ConfigError, match=rf"--checkpoint\.dir \({target}\).*{fragment}"):
+        train.train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_with_other_data_settings_warns_and_names_them(tmp_path):
+    train.train(config(steps=2, mesh=MeshConfig()), tmp_path / "run", progress=False, log=lambda _: None)
+    cfg = config(steps=4, mesh=MeshConfig())
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=5))
+    logs = []
+    train.train(cfg, tmp_path / "run", progress=False, log=logs.append)
+    warnings = [line for line in logs if line.startswith("warning: resuming with data settings")]
+    assert len(warnings) == 1 and "train.seed 0 -> 5" in warnings[0] and "data.source" not in warnings[0]
+    logs.clear()
+    train.train(config(steps=6, mesh=MeshConfig()), tmp_path / "run2", progress=False, log=logs.append)
+    train.train(config(steps=8, mesh=MeshConfig()), tmp_path / "run2", progress=False, log=logs.append)
+    assert not [line for line in logs if line.startswith("warning: resuming")]  # the same settings: no warning
+
+
+def test_restoring_from_a_run_directory_points_to_its_checkpoints(tmp_path):
+    train.train(config(steps=2, mesh=MeshConfig()), tmp_path / "run", progress=False, log=lambda _: None)
+    cfg = config(steps=4, mesh=MeshConfig(), restore=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"holds no finalized checkpoint\. It looks like a run directory: its "):
+        train.train(cfg, tmp_path / "other", progress=False, log=lambda _: None)
 
 
 def test_restore_none_refuses_an_existing_run_directory(tmp_path):

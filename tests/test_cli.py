@@ -146,6 +146,7 @@ def test_help_with_unknown_preset_is_an_error(capsys):
             ["data.path='does/not/exist.txt'", "does not exist"],
         ),
         (["--cpu-devices=x"], ["--cpu-devices", "an integer", "'x'"]),
+        (["--data.path=notes.txt"], ["data.path='notes.txt'", "data.source is 'default'", "--data.source=text"]),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith(("-", "p")) else None,
 )
@@ -178,6 +179,16 @@ def test_out_is_a_file(capsys, tmp_path):
     code, _, err = run_main(capsys, f"--out={out}", "--train.steps=1")
     assert code == 2
     assert_one_paragraph_error(err, str(out), "is a file")
+
+
+def test_out_expands_the_home_directory(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "a-file").write_text("x")
+    code, _, err = run_main(capsys, "--out=~/a-file", "--train.steps=1")
+    assert code == 2
+    assert_one_paragraph_error(err, str(tmp_path / "home" / "a-file"), "is a file")
+    assert not (tmp_path / "~").exists()  # the cwd: no directory named '~'
 
 
 @pytest.mark.parametrize(
@@ -226,7 +237,7 @@ def test_parse_options():
     "name, fragment",
     [
         ("unknown-field", "did you mean --train.steps"),
-        ("cpu-devices-0", "--cpu-devices must be a positive integer, got 0"),
+        ("cpu-devices-0", "--cpu-devices must be between 1 and 512, got 0"),
         ("cpu-devices-x", "--cpu-devices expects an integer, got 'x'"),
     ],
 )
@@ -325,13 +336,13 @@ def test_dry_run_reports_the_pipeline_schedule(capsys):
     argv = ["--dry-run", "--mesh.pipeline=2", "--mesh.fsdp=4", "--pipeline.schedule=circular"]
     argv += ["--pipeline.repeats=2", "--pipeline.microbatches=4", "--train.memory_budget_gb=0.0001"]
     code, out, err = run_main(capsys, *argv)
-    assert code == 0, err
+    assert code == 2, err  # the preflight would stop a real run
     # tiny: 4 layers; stage 0 runs chunks 0 and 2, stage 1 chunks 1 and 3; bubble (P-1)/(R*M+P-1) = 1/9
     assert "pipeline: circular, 2 stages x 2 chunk(s), 4 microbatches, 9 unrolled ticks, bubble 11.1% " in out
     assert "(stage 0: layers 0, 2; stage 1: layers 1, 3)" in out
     assert "per-device memory:" in out and "step total" in out
     assert "preflight: a real run would stop here" in out and "--pipeline.unroll=false" in out
     code, out, err = run_main(capsys, *argv, "--pipeline.unroll=false")
-    assert code == 0, err
+    assert code == 2, err
     assert "4 microbatches, 9 scanned ticks, bubble 11.1% " in out
     assert "preflight: a real run would stop here" in out and "--pipeline.unroll=false" not in out

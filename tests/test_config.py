@@ -282,6 +282,7 @@ def test_apply_overrides_types_each_kind():
             "train.grad_clip": "2",
             "model.tie_embeddings": "true",
             "model.family": "gpt2",
+            "data.source": "text",
             "data.path": "some/dir",
             "mesh.fsdp": "-1",
         },
