@@ -79,7 +79,7 @@ def test_preflight_offers_prevent_cse_only_where_it_helps(capsys):
         (["--remat.policy=none", "--model.scan_layers=false"], False),  # nothing recomputed
         (["--remat.policy=dots", "--model.scan_layers=true"], False),  # a rolled scan: nothing to merge
     ]:
-        assert main([*tight, *extra]) == 0
+        assert main([*tight, *extra]) == 2  # the dry run's preflight would stop a real run
         assert ("--remat.prevent_cse=true" in capsys.readouterr().out) == offered, extra
 
 
@@ -161,7 +161,7 @@ def test_preflight_stops_a_run_that_does_not_fit(capsys, tmp_path):
     for knob in ("--remat.policy=full", "--mesh.fsdp", "--train.batch_size"):
         assert knob in err
     assert "Traceback" not in err
-    assert main(["--dry-run", "--train.memory_budget_gb=0.0001", *SMALL]) == 0
+    assert main(["--dry-run", "--train.memory_budget_gb=0.0001", *SMALL]) == 2
     assert "preflight: a real run would stop here" in capsys.readouterr().out
 
 
