@@ -12,11 +12,8 @@ all of it, and `main` only parses the command line and reports errors.
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
-import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +24,7 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from dsjax import checkpoint as ckpt
-from dsjax import distributed, memory, xla_flags
+from dsjax import distributed, memory, rundir, xla_flags
 from dsjax.compiling import compilation_cache
 from dsjax.config import Config, ConfigError, apply_overrides, help_text, preset, split_known
 from dsjax.mesh import simulate_cpu_devices
@@ -408,14 +405,14 @@ def train(
     out = None if out is None else Path(out).expanduser()
     if out is not None:
         own = Path(c.dir).expanduser() if c.dir else out / "checkpoints"
-        out_dir = _check_out(out, resumable=c.enabled and c.restore != "none" and _holds_checkpoints(own))
+        out_dir = rundir.check_out(out, resumable=c.enabled and c.restore != "none" and rundir.holds_checkpoints(own))
     else:
         out_dir = None
     distributed.sync("out-checked")  # no process may see another's files as an older run's
     directory = None
     if c.enabled and (c.dir or out_dir is not None):
         directory = Path(c.dir).expanduser() if c.dir else out_dir / "checkpoints"
-        _check_writable_dir(directory, "--checkpoint.dir" if c.dir else "the run's checkpoints directory")
+        rundir.check_writable_dir(directory, "--checkpoint.dir" if c.dir else "the run's checkpoints directory")
     if c.rollback_on_nonfinite and directory is None:
         raise ConfigError(
             "--checkpoint.rollback_on_nonfinite=true needs checkpoints to roll back to: give the run a "
@@ -455,7 +452,7 @@ def _train(
         materialize(run)  # nothing was restored: start from the initialisation
 
     if restored is not None and out_dir is not None:
-        changed = _changed_data_settings(out_dir, config)
+        changed = rundir.changed_data_settings(out_dir, config)
         if changed:
             log(
                 f"warning: resuming with data settings other than the saved run's ({', '.join(changed)}); the "
@@ -468,7 +465,7 @@ def _train(
         if distributed.is_primary():
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.json").write_text(config.to_json() + "\n")
-        monitor.redo_until = _last_logged_step(out_dir) if restored is not None else 0
+        monitor.redo_until = rundir.last_logged_step(out_dir) if restored is not None else 0
         monitor.attach(out_dir)
         if restored is not None:
             monitor.write({"step": int(jax.device_get(run.state.step)), "restored_from": str(restored.path)})
@@ -496,83 +493,6 @@ def _train(
         raise
     checkpointer.close()
     return run, history
-
-
-RESUME_SENSITIVE = ("data.source", "data.path", "data.tokenizer", "data.val_fraction", "train.seed", "train.seq_len")
-
-
-def _changed_data_settings(out_dir: Path, config: Config) -> list[str]:
-    """The settings that choose the data (RESUME_SENSITIVE) that differ from the run's saved config.json,
-    as 'field old -> new' (none when there is no readable config.json)."""
-    try:
-        saved = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    now = config.to_dict()
-    changed = []
-    for key in RESUME_SENSITIVE:
-        section, field = key.split(".")
-        old, new = saved.get(section, {}).get(field, now[section][field]), now[section][field]
-        if old != new:
-            changed.append(f"{key} {old!r} -> {new!r}")
-    return changed
-
-
-def _last_logged_step(out_dir: Path) -> int:
-    """The last training step an earlier attempt logged in out_dir/metrics.jsonl (0 if none): steps up to
-    it that this attempt runs again are time lost to the restart."""
-    path = out_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    steps = [0]
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if isinstance(record, dict) and "loss" in record:
-                steps.append(int(record["step"]))
-    return max(steps)
-
-
-def _holds_checkpoints(directory: Path) -> bool:
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
-
-
-def _check_writable_dir(path: Path, name: str) -> None:
-    """ConfigError unless `path` is a writable directory or can be created as one: checked before anything
-    compiles or trains, so the saves cannot fail after the training they were to keep."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{name} ({path}) is a file; checkpoints are saved into a directory.")
-    ancestor = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        what = "is not a directory" if not ancestor.is_dir() else "is not writable"
-        raise ConfigError(f"{name} ({path}) cannot take checkpoints: {ancestor} {what}.")
-
-
-def _check_out(out: str | Path, resumable: bool = False) -> Path:
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out={str(out)!r} is a file; the run directory must be a directory.")
-    ancestor = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
-        what = "is not a directory" if not ancestor.is_dir() else "is not writable"
-        if ancestor == path.absolute():
-            raise ConfigError(f"--out={str(out)!r} {what}.")
-        raise ConfigError(f"--out={str(out)!r} cannot be created: {ancestor} {what}.")
-    if path.is_dir() and any(path.iterdir()):
-        if resumable and (path / "config.json").is_file():
-            return path  # an earlier run of dsjax with checkpoints: resume it
-        if os.environ.get("DSJAX_RESTART", "0") not in ("", "0") and (path / "config.json").is_file():
-            return path  # dsjax.launch restarting a job that died before its first checkpoint: start over
-        raise ConfigError(
-            f"--out={str(out)!r} already holds files and nothing to resume (no checkpoint, or "
-            "--checkpoint.restore=none / checkpoint.enabled=false); dsjax will not mix two runs in one "
-            "directory. Choose a new --out (or remove the old run)."
-        )
-    return path
-
-
-def _default_out(preset_name: str) -> Path:
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset_name}"
 
 
 def _parse(argv: Sequence[str]) -> tuple[Config, dict]:
@@ -637,7 +557,7 @@ def _main(argv: Sequence[str]) -> int:
             return 2
         say("dry run: compiled the train step; nothing was trained.")
         return 0
-    out = Path(options["out"]).expanduser() if options["out"] else _default_out(options["preset"])
+    out = Path(options["out"]).expanduser() if options["out"] else rundir.default_out(options["preset"])
     try:
         run, _ = train(config, out, progress=primary, log=say)
     except TrainingError:

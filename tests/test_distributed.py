@@ -457,13 +457,13 @@ def test_launcher_restart_policy(tmp_path, mode, flags, code, words):
 def test_a_restarted_job_may_reuse_a_directory_without_checkpoints(tmp_path, monkeypatch):
     """A job the launcher restarts before its first checkpoint finds its own config.json: it starts over
     there; anything else refuses to mix two runs in one directory."""
-    from dsjax import train
+    from dsjax import rundir
 
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ds.ConfigError, match="already holds files"):
-        train._check_out(tmp_path)
+        rundir.check_out(tmp_path)
     monkeypatch.setenv("DSJAX_RESTART", "1")
-    assert train._check_out(tmp_path) == tmp_path
+    assert rundir.check_out(tmp_path) == tmp_path
 
 
 def test_a_checkpoint_save_broken_by_a_dead_peer_waits_to_name_it(monkeypatch, capsys):

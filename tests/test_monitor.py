@@ -13,7 +13,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dsjax import monitor as mon
-from dsjax import train
+from dsjax import rundir, train
 from dsjax.advisor import Advisor
 from dsjax.config import (
     CheckpointConfig,
@@ -152,7 +152,7 @@ def test_steps_an_earlier_attempt_ran_count_as_restart_time(tmp_path):
         m.training({"step": 8, "loss": 1.0}, (5, 8))
         assert m.goodput.lost["restart"] == pytest.approx(12.0, abs=0.5)  # 5 and 6 of 4 steps in 4 s
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval_loss": 5.0}\n{"step": 6, "loss": 2.0}\nnot json\n')
-    assert train._last_logged_step(tmp_path) == 6
+    assert rundir.last_logged_step(tmp_path) == 6
 
 
 def test_a_taken_port_is_a_config_error_before_anything_runs(tmp_path, capsys):
