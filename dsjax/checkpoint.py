@@ -462,9 +462,11 @@ class Checkpointer:
         self.manager.reload()
         return sorted(self.manager.all_steps())
 
-    def restore(self, target) -> Restored | None:
+    def restore(self, target, max_step: int | None = None) -> Restored | None:
         """The checkpoint that checkpoint.restore names, read into `target`'s shapes, dtypes and shardings
-        (a TrainState of arrays or jax.ShapeDtypeStructs); None when there is nothing to restore."""
+        (a TrainState of arrays or jax.ShapeDtypeStructs); None when there is nothing to restore. The one
+        chosen being past `max_step` (the run's train.steps) is a ConfigError, raised before anything is
+        read or set aside."""
         choice = self.cfg.restore
         if choice == "none":
             return None
@@ -472,7 +474,7 @@ class Checkpointer:
             candidates = self.steps()[::-1]
             if not candidates:
                 return None
-            return self._restore_first(self, candidates, target)
+            return self._restore_first(self, candidates, target, max_step)
         if choice.isdigit():
             step, steps = int(choice), self.steps()
             if step not in steps:
@@ -480,7 +482,7 @@ class Checkpointer:
                     f"--checkpoint.restore={choice}: no finalized checkpoint of step {step} in {self.dir} "
                     f"(there are: {steps or 'none'})."
                 )
-            return self._restore_first(self, [s for s in steps[::-1] if s <= step], target)
+            return self._restore_first(self, [s for s in steps[::-1] if s <= step], target, max_step)
         path = Path(choice).expanduser()
         if not path.exists():
             raise ConfigError(f"--checkpoint.restore={choice!r}: {path.absolute()} does not exist.")
@@ -501,7 +503,7 @@ class Checkpointer:
                 raise ConfigError(
                     f"--checkpoint.restore={choice!r}: {path.absolute()} holds no finalized checkpoint.{hint}"
                 )
-            return self._restore_first(other, steps[::-1], target)
+            return self._restore_first(other, steps[::-1], target, max_step)
         finally:
             if other is not self:
                 other.manager.close()
@@ -513,12 +515,21 @@ class Checkpointer:
         candidates = [s for s in self.steps()[::-1] if s <= at_most]
         return self._restore_first(self, candidates, target) if candidates else None
 
-    def _restore_first(self, source: Checkpointer, candidates: list[int], target) -> Restored:
+    def _restore_first(
+        self, source: Checkpointer, candidates: list[int], target, max_step: int | None = None
+    ) -> Restored:
         problems = []
         for step in candidates:
             step_dir = source.dir / str(step)
             reason = verify(step_dir)
             if reason is None:
+                if max_step is not None and step > max_step:
+                    raise ConfigError(
+                        f"checkpoint {step_dir} is at step {step}, past train.steps={max_step}: train.steps counts "
+                        f"from step 0 of the saved run, so this run would end before its checkpoint. Give "
+                        f"--train.steps={step} or more to go on from it, or --checkpoint.restore=STEP for a "
+                        f"checkpoint at or before step {max_step}."
+                    )
                 restored = source._read(step, target)
                 if source is self:
                     self._set_aside_newer_than(step)

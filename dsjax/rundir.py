@@ -11,23 +11,34 @@ from pathlib import Path
 
 from dsjax.config import Config, ConfigError
 
-RESUME_SENSITIVE = ("data.source", "data.path", "data.tokenizer", "data.val_fraction", "train.seed", "train.seq_len")
 
-
-def changed_data_settings(out_dir: Path, config: Config) -> list[str]:
-    """The settings that choose the data (RESUME_SENSITIVE) that differ from the run's saved config.json,
-    as 'field old -> new' (none when there is no readable config.json)."""
-    try:
-        saved = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
+def changed_data_settings(saved: dict, config: Config) -> list[str]:
+    """The settings that choose the data which differ between the config a checkpoint was saved with
+    (`saved`, its meta's config) and `config`, as 'field old -> new': data.source, the path and tokenizer
+    where the source reads them (compared as absolute paths), data.val_fraction, train.seed and
+    train.seq_len. Fields missing from `saved` count as unchanged."""
     now = config.to_dict()
+
+    def value(tree, section: str, field: str):
+        part = tree.get(section) if isinstance(tree, dict) else None
+        got = part.get(field, now[section][field]) if isinstance(part, dict) else now[section][field]
+        if field == "path" or (field == "tokenizer" and got != "bytes"):
+            return os.path.abspath(os.path.expanduser(got)) if got else got
+        return got
+
+    source = now["data"]["source"]
+    keys = [("data", "source"), ("train", "seed"), ("train", "seq_len")]
+    if source != "synthetic":
+        keys.append(("data", "val_fraction"))
+    if source in ("text", "tokens"):
+        keys.append(("data", "path"))
+    if source == "text":
+        keys.append(("data", "tokenizer"))
     changed = []
-    for key in RESUME_SENSITIVE:
-        section, field = key.split(".")
-        old, new = saved.get(section, {}).get(field, now[section][field]), now[section][field]
+    for section, field in keys:
+        old, new = value(saved, section, field), value(now, section, field)
         if old != new:
-            changed.append(f"{key} {old!r} -> {new!r}")
+            changed.append(f"{section}.{field} {old!r} -> {new!r}")
     return changed
 
 
@@ -47,12 +58,22 @@ def last_logged_step(out_dir: Path) -> int:
 
 
 def holds_checkpoints(directory: Path) -> bool:
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+    try:
+        return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+    except OSError as err:
+        raise ConfigError(f"the checkpoint directory {directory} cannot be read: {err.strerror or err}.") from None
 
 
 def check_writable_dir(path: Path, name: str) -> None:
     """ConfigError unless `path` is a writable directory or can be created as one: checked before anything
     compiles or trains, so the saves cannot fail after the training they were to keep."""
+    try:
+        _check_writable_dir(path, name)
+    except OSError as err:  # e.g. a parent this user may not list
+        raise ConfigError(f"{name} ({path}) cannot be checked: {err.strerror or err}.") from None
+
+
+def _check_writable_dir(path: Path, name: str) -> None:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{name} ({path}) is a file; checkpoints are saved into a directory.")
     ancestor = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
@@ -62,6 +83,15 @@ def check_writable_dir(path: Path, name: str) -> None:
 
 
 def check_out(out: str | Path, resumable: bool = False) -> Path:
+    """The run directory --out=`out` if a run may use it: new, empty, or an earlier run to resume
+    (`resumable`); else a ConfigError that says why."""
+    try:
+        return _check_out(out, resumable)
+    except OSError as err:  # e.g. a parent this user may not list
+        raise ConfigError(f"--out={str(out)!r} cannot be checked: {err.strerror or err}.") from None
+
+
+def _check_out(out: str | Path, resumable: bool) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out={str(out)!r} is a file; the run directory must be a directory.")

@@ -356,18 +356,15 @@ def checkpoint_meta(run: Run) -> dict:
     }
 
 
-def restore(run: Run, checkpointer: ckpt.Checkpointer, log: Callable[[str], None] = print) -> ckpt.Restored | None:
+def restore(
+    run: Run, checkpointer: ckpt.Checkpointer, log: Callable[[str], None] = print, max_step: int | None = None
+) -> ckpt.Restored | None:
     """Replace run.state by the checkpoint that checkpoint.restore names (laid out for this run's mesh) and
     set the data position; None, leaving the run as built, when there is nothing to restore. The run may
-    be built with abstract=True: the checkpoint is then read without ever initialising a state."""
-    restored = checkpointer.restore(abstract_state(run))
+    be built with abstract=True: the checkpoint is then read without ever initialising a state. A
+    checkpoint past `max_step` (a run's train.steps) is a ConfigError, raised before it is read."""
+    restored = checkpointer.restore(abstract_state(run), max_step=max_step)
     if restored is not None:
-        step, steps = int(jax.device_get(restored.state.step)), run.config.train.steps
-        if step > steps:
-            raise ConfigError(
-                f"checkpoint {restored.path} is at step {step}, past train.steps={steps}: a run cannot train "
-                f"backwards. Give --train.steps={step} or more to go on from it, or start a new run in a new --out."
-            )
         use_restored(run, restored, log)
     return restored
 
@@ -445,17 +442,17 @@ def _train(
         checkpointer = ckpt.Checkpointer(directory, c, log)
         try:
             with monitor.goodput.timed("restart"):  # reading the state back is time lost to the restart
-                restored = restore(run, checkpointer, log)
+                restored = restore(run, checkpointer, log, max_step=config.train.steps)
         except BaseException:
             checkpointer.close()
             raise
         materialize(run)  # nothing was restored: start from the initialisation
 
-    if restored is not None and out_dir is not None:
-        changed = rundir.changed_data_settings(out_dir, config)
+    if restored is not None:
+        changed = rundir.changed_data_settings(restored.meta.get("config", {}), config)
         if changed:
             log(
-                f"warning: resuming with data settings other than the saved run's ({', '.join(changed)}); the "
+                f"warning: resuming with data settings other than the checkpoint's ({', '.join(changed)}); the "
                 "checkpoint fixes the model and the data position, so training goes on with these."
             )
 

@@ -482,10 +482,15 @@ def test_rerunning_a_finished_run_restores_it_and_trains_nothing(tmp_path):
 
 def test_resuming_with_fewer_steps_than_the_checkpoint_is_refused_and_writes_nothing(tmp_path):
     train.train(config(steps=4, mesh=MeshConfig()), tmp_path / "run", progress=False, log=lambda _: None)
-    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
-    with pytest.raises(ConfigError, match=r"at step 4, past train\.steps=2.*--train\.steps=4 or more"):
-        train.train(config(steps=2, mesh=MeshConfig()), tmp_path / "run", progress=False, log=lambda _: None)
-    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+
+    def files():
+        return {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+
+    before = files()
+    assert ckpt.Checkpointer(tmp_path / "run" / "checkpoints", CheckpointConfig(), log=print).steps() == [2, 4]
+    with pytest.raises(ConfigError, match=r"at step 4, past train\.steps=3.*--train\.steps=4 or more"):
+        train.train(config(steps=3, mesh=MeshConfig()), tmp_path / "run", progress=False, log=lambda _: None)
+    assert files() == before  # checkpoint 4 was not set aside, config.json not rewritten
 
 
 @pytest.mark.parametrize("where", ["a file", "read-only"])
