@@ -64,43 +64,39 @@ def holds_checkpoints(directory: Path) -> bool:
         raise ConfigError(f"the checkpoint directory {directory} cannot be read: {err.strerror or err}.") from None
 
 
+def unwritable(path: Path) -> str | None:
+    """None if `path` is a directory this user can write into, or can be created as one; else why not
+    ('is a file', 'is not writable', 'cannot be created: PARENT is not a directory', ...)."""
+    try:
+        if path.exists() and not path.is_dir():
+            return "is a file"
+        ancestor = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+        what = "is not a directory" if not ancestor.is_dir() else None
+        existing = os.R_OK if ancestor == path.absolute() else 0  # a run reads what is already there
+        if what is None and not os.access(ancestor, os.W_OK | os.X_OK | existing):
+            what = "is not writable"
+    except OSError as err:  # e.g. a parent this user may not list
+        return f"cannot be checked: {err.strerror or err}"
+    if what is None:
+        return None
+    return what if ancestor == path.absolute() else f"cannot be created: {ancestor} {what}"
+
+
 def check_writable_dir(path: Path, name: str) -> None:
     """ConfigError unless `path` is a writable directory or can be created as one: checked before anything
     compiles or trains, so the saves cannot fail after the training they were to keep."""
-    try:
-        _check_writable_dir(path, name)
-    except OSError as err:  # e.g. a parent this user may not list
-        raise ConfigError(f"{name} ({path}) cannot be checked: {err.strerror or err}.") from None
-
-
-def _check_writable_dir(path: Path, name: str) -> None:
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{name} ({path}) is a file; checkpoints are saved into a directory.")
-    ancestor = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        what = "is not a directory" if not ancestor.is_dir() else "is not writable"
-        raise ConfigError(f"{name} ({path}) cannot take checkpoints: {ancestor} {what}.")
+    why = unwritable(path)
+    if why is not None:
+        raise ConfigError(f"{name} ({path}) {why}; checkpoints are saved into a directory this run can write.")
 
 
 def check_out(out: str | Path, resumable: bool = False) -> Path:
     """The run directory --out=`out` if a run may use it: new, empty, or an earlier run to resume
     (`resumable`); else a ConfigError that says why."""
-    try:
-        return _check_out(out, resumable)
-    except OSError as err:  # e.g. a parent this user may not list
-        raise ConfigError(f"--out={str(out)!r} cannot be checked: {err.strerror or err}.") from None
-
-
-def _check_out(out: str | Path, resumable: bool) -> Path:
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out={str(out)!r} is a file; the run directory must be a directory.")
-    ancestor = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
-        what = "is not a directory" if not ancestor.is_dir() else "is not writable"
-        if ancestor == path.absolute():
-            raise ConfigError(f"--out={str(out)!r} {what}.")
-        raise ConfigError(f"--out={str(out)!r} cannot be created: {ancestor} {what}.")
+    why = unwritable(path)
+    if why is not None:
+        raise ConfigError(f"--out={str(out)!r} {why}; the run directory must be a directory this run can write.")
     if path.is_dir() and any(path.iterdir()):
         if resumable and (path / "config.json").is_file():
             return path  # an earlier run of dsjax with checkpoints: resume it

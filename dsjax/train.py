@@ -546,14 +546,14 @@ def _main(argv: Sequence[str]) -> int:
         )
         compiled = run.train_step.lower(run.state, batch).compile()
         say(compile_report(run, compiled, shardings=True))
+        code = 0
         try:
             memory.preflight(config, compiled.memory_analysis(), jax.local_devices()[0], run.degrees)
         except ConfigError as err:
             say(f"preflight: a real run would stop here: {err}")
-            say("dry run: compiled the train step; nothing was trained.")
-            return 2
+            code = 2
         say("dry run: compiled the train step; nothing was trained.")
-        return 0
+        return code
     out = Path(options["out"]).expanduser() if options["out"] else rundir.default_out(options["preset"])
     try:
         run, _ = train(config, out, progress=primary, log=say)

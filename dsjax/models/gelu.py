@@ -224,7 +224,7 @@ def resolve(impl: str, dtype, sharding: NamedSharding | None = None) -> str:
         gpu = sharding_platform(sharding) == "gpu"
         return "pallas" if gpu and jnp.dtype(dtype).itemsize == 2 and layers.triton_available() else "xla"
     if impl == "pallas":
-        layers.check_triton("gelu_kernel", impl)
+        layers.check_triton("gelu_kernel")
     return impl
 
 

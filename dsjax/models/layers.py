@@ -80,11 +80,11 @@ def triton_available() -> bool:
     return hasattr(plgpu, "CompilerParams")
 
 
-def check_triton(field: str, value: str) -> None:
-    """ConfigError for an explicit Pallas Triton kernel setting (model.FIELD=VALUE) this jax cannot run."""
+def check_triton(field: str) -> None:
+    """ConfigError for model.FIELD='pallas' (a Pallas Triton kernel) where this jax cannot run it."""
     if not triton_available():
         raise ConfigError(
-            f"model.{field}={value!r} is a Pallas kernel on Pallas's Triton backend, which jax {jax.__version__} "
+            f"model.{field}='pallas' is a Pallas kernel on Pallas's Triton backend, which jax {jax.__version__} "
             f"does not have (jax 0.11 deprecated it); use model.{field}=auto, which takes XLA's fusions instead."
         )
 

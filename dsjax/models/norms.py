@@ -368,7 +368,7 @@ def resolve(impl: str, width: int, sharding: NamedSharding | None = None, rms: b
         gpu = sharding_platform(sharding) == "gpu"
         return "pallas" if gpu and fits and not rms and layers.triton_available() else "xla"
     if impl == "pallas":
-        layers.check_triton("norm_kernel", impl)
+        layers.check_triton("norm_kernel")
     if impl == "pallas" and not fits:
         raise ConfigError(
             f"model.norm_kernel='pallas' holds whole rows of the activations in registers: it needs "

@@ -135,7 +135,7 @@ def resolve(impl: str, sharding: NamedSharding | None = None) -> str:
     if impl == "auto":
         return "pallas" if sharding_platform(sharding) == "gpu" and layers.triton_available() else "xla"
     if impl == "pallas":
-        layers.check_triton("qkv_kernel", impl)
+        layers.check_triton("qkv_kernel")
     return impl
 
 

@@ -352,7 +352,7 @@ def resolve(
             f"as {tuple(sharding.spec)} (tensor parallelism splits the vocabulary); use model.loss_kernel=auto."
         )
     if impl == "pallas":
-        layers.check_triton("loss_kernel", impl)
+        layers.check_triton("loss_kernel")
     if impl == "mosaic":
         if problem is not None:
             raise ConfigError(f"model.loss_kernel='mosaic' cannot take these logits: {problem}; use 'auto'.")
