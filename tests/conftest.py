@@ -34,6 +34,10 @@ from dsjax.jobenv import cpu_thread_env
 
 os.environ.update(cpu_thread_env(8))  # the threads 8 devices' collectives need; subprocesses inherit it
 jax.config.update("jax_num_cpu_devices", 8)
+if jax.default_backend() == "gpu":
+    # The kernel tests also run on GPUs (tests/training.py, ON_GPU). Their fp32 tolerances assume fp32 GEMMs,
+    # which XLA runs in TF32 on GPUs by default (about 1e-3 relative apart).
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="module")

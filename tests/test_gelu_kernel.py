@@ -1,5 +1,5 @@
-"""GPT-2's bias + GELU (dsjax.models.gelu): the Pallas kernels (run by Pallas's interpreter on these CPUs,
-with an exact tanh where GPUs use their tanh instruction) and the XLA implementation compute the same
+"""GPT-2's bias + GELU (dsjax.models.gelu): the Pallas kernels (run by Pallas's interpreter on CPUs,
+with an exact tanh where GPUs use their tanh instruction; compiled on GPUs) and the XLA implementation compute the same
 output and gradients, on one device, on a sharded mesh and through the whole decoder; `auto` picks them as
 documented.
 
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from training import assert_decoder_settings_agree, needs_triton
+from training import AUTO_KERNEL, assert_decoder_settings_agree, needs_devices, needs_triton
 
 from dsjax.config import ConfigError, ModelConfig
 from dsjax.mesh import make_mesh
@@ -77,6 +77,7 @@ def test_the_kernels_in_bf16_round_the_exact_gelu_once():
         assert error < 2**-8, error
 
 
+@needs_devices(8)
 def test_on_a_mesh_the_kernels_run_per_device_and_sum_the_bias_gradient():
     """Rows split over data and fsdp, features over tensor (the layout of ('act_batch', 'act_seq',
     'act_mlp')): b's gradient is each device's column sums, summed over the row axes."""
@@ -95,7 +96,7 @@ def test_gpt2_loss_and_gradients_equal_for_both_implementations():
 
 
 def test_auto_takes_the_kernels_for_16_bit_activations_on_gpus(monkeypatch):
-    assert gelu.resolve("auto", jnp.bfloat16) == "xla"  # these CPUs
+    assert gelu.resolve("auto", jnp.bfloat16) == AUTO_KERNEL  # this backend's devices
     monkeypatch.setattr(gelu, "sharding_platform", lambda sharding: "gpu")
     assert gelu.resolve("auto", jnp.bfloat16) == "pallas"
     assert gelu.resolve("auto", jnp.float16) == "pallas"

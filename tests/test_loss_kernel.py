@@ -1,7 +1,7 @@
 """The LM head's loss kernels (dsjax.models.xent): the Pallas (Triton) kernel (run by Pallas's interpreter on
-these CPUs), the Mosaic GPU kernel (on Hopper GPUs, or in Mosaic GPU's interpreter where jax has it: 0.11 and
-newer; on older jax only its lowering for GPUs is checked here), the XLA implementation and a float64
-reference compute the same loss and logits gradient, on one device and on a sharded mesh, and through the
+CPUs, compiled on GPUs), the Mosaic GPU kernel (on Hopper GPUs, or in Mosaic GPU's interpreter where jax has
+it: 0.11 and newer; on older jax only its lowering for GPUs is checked here), the XLA implementation and a
+float64 reference compute the same loss and logits gradient, on one device and on a sharded mesh, and through the
 whole decoder.
 
 Tolerances: the loss relative 1e-5 against float64 (fp32 sums over up to 2500 logits); the fp32 gradient
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from training import assert_decoder_settings_agree, needs_triton
+from training import AUTO_KERNEL, assert_decoder_settings_agree, needs_devices, needs_triton
 
 from dsjax.config import ConfigError, ModelConfig
 from dsjax.mesh import make_mesh
@@ -161,6 +161,7 @@ def test_the_kernel_writes_the_compute_dtype():
 
 
 @needs_triton
+@needs_devices(8)
 @pytest.mark.parametrize("degrees", [dict(data=2, fsdp=4), dict(data=2, pipeline=2, fsdp=2)])
 def test_the_kernel_runs_on_each_devices_rows(degrees):
     mesh = make_mesh({"data": 1, "pipeline": 1, "fsdp": 1, "tensor": 1, **degrees})
@@ -180,19 +181,24 @@ def test_the_kernel_runs_on_each_devices_rows(degrees):
 
 
 @needs_triton
-def test_auto_takes_the_kernel_on_gpus_unless_the_vocabulary_is_split(monkeypatch):
-    assert xent.resolve("auto") == "xla"  # these CPUs
+def test_auto_takes_the_kernel_on_gpus(monkeypatch):
+    assert xent.resolve("auto") == AUTO_KERNEL  # this backend's devices
+    monkeypatch.setattr(xent, "sharding_platform", lambda sharding: "gpu")
+    assert xent.resolve("auto") == "pallas"
+    with pytest.raises(ConfigError, match=r"model\.loss_kernel must be one of"):
+        ModelConfig(loss_kernel="triton")
+
+
+@needs_triton
+@needs_devices(8)
+def test_auto_keeps_xla_when_the_vocabulary_is_split(monkeypatch):
     monkeypatch.setattr(xent, "sharding_platform", lambda sharding: "gpu")
     mesh = make_mesh({"data": 2, "pipeline": 1, "fsdp": 2, "tensor": 2})
     split = named(("act_batch", "act_seq", "act_vocab"), (8, 4, 64), mesh)
     whole = named(("act_batch", "act_seq", None), (8, 4, 64), mesh)
-    assert (xent.resolve("auto"), xent.resolve("auto", whole), xent.resolve("auto", split)) == ("pallas",) * 2 + (
-        "xla",
-    )
+    assert (xent.resolve("auto", whole), xent.resolve("auto", split)) == ("pallas", "xla")
     with pytest.raises(ConfigError, match=r"model.loss_kernel='pallas' needs whole vocabulary rows.*'tensor'"):
         xent.resolve("pallas", split)
-    with pytest.raises(ConfigError, match=r"model\.loss_kernel must be one of"):
-        ModelConfig(loss_kernel="triton")
 
 
 @needs_triton
@@ -211,6 +217,7 @@ def test_the_chunked_loss_keeps_xla_under_auto(monkeypatch):
     """With train.loss_chunk the forward pass is recomputed under checkpoint: 'auto' takes XLA's
     implementation there (its forward skips the gradient), the kernel elsewhere."""
     monkeypatch.setattr(xent, "sharding_platform", lambda sharding: "gpu")  # trace as on GPUs: no lowering happens
+    monkeypatch.setattr(xent, "hopper_or_newer", lambda sharding=None: False)  # the Triton kernel, a pallas_call
     cfg = ModelConfig(n_layers=1, d_model=16, n_heads=2, n_kv_heads=2, d_ff=32, max_seq_len=16)
     graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     batch = jnp.zeros((2, 17), jnp.int32)

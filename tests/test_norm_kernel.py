@@ -1,5 +1,5 @@
 """The residual add + norm kernels (dsjax.models.norms): the Pallas kernels (run by Pallas's interpreter on
-these CPUs) and the XLA implementation compute the same sum, normalised rows and gradients, for LayerNorm
+CPUs, compiled on GPUs) and the XLA implementation compute the same sum, normalised rows and gradients, for LayerNorm
 and RMSNorm, with and without the residual input and its bias, on one device and on a sharded mesh, and
 through the whole decoder.
 
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from training import assert_decoder_settings_agree, needs_triton
+from training import AUTO_KERNEL, assert_decoder_settings_agree, needs_devices, needs_triton
 
 from dsjax.config import (
     Config,
@@ -90,6 +90,7 @@ def test_bf16_kernels_within_one_rounding():
     assert_close(got[5:], want[5:], 2**-5)  # db, dscale, dbias: sums over 48 rows
 
 
+@needs_devices(8)
 @pytest.mark.parametrize("degrees", [dict(data=2, fsdp=2, tensor=2), dict(data=2, pipeline=2, fsdp=2)])
 def test_kernels_run_on_each_devices_rows(degrees):
     mesh = make_mesh({"data": 1, "pipeline": 1, "fsdp": 1, "tensor": 1, **degrees})
@@ -103,20 +104,25 @@ def test_kernels_run_on_each_devices_rows(degrees):
 
 
 def test_auto_takes_the_kernels_for_layernorm_on_gpus(monkeypatch):
-    assert norms.resolve("auto", 768) == "xla"  # these CPUs
+    assert norms.resolve("auto", 768) == AUTO_KERNEL  # this backend's devices
     monkeypatch.setattr(norms, "sharding_platform", lambda sharding: "gpu")
     assert norms.resolve("auto", 768) == "pallas"
     assert norms.resolve("auto", 2048, rms=True) == "xla"  # RMSNorm: XLA measured as fast, with less memory
     assert norms.resolve("auto", 16384) == "xla"
+    with pytest.raises(ConfigError, match=r"model.norm_kernel='pallas'.*d_model <= 8192 \(got 16384\)"):
+        norms.resolve("pallas", 16384)
+    with pytest.raises(ConfigError, match=r"model\.norm_kernel must be one of"):
+        ModelConfig(norm_kernel="triton")
+
+
+@needs_devices(8)
+def test_features_split_over_devices_keep_xla(monkeypatch):
+    monkeypatch.setattr(norms, "sharding_platform", lambda sharding: "gpu")
     mesh = make_mesh({"data": 1, "pipeline": 1, "fsdp": 2, "tensor": 4})
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None, "tensor"))
     assert norms.resolve("auto", 64, split) == "xla"
-    with pytest.raises(ConfigError, match=r"model.norm_kernel='pallas'.*d_model <= 8192 \(got 16384\)"):
-        norms.resolve("pallas", 16384)
     with pytest.raises(ConfigError, match=r"feature axis unsplit.*'tensor'"):
         norms.resolve("pallas", 64, split)
-    with pytest.raises(ConfigError, match=r"model\.norm_kernel must be one of"):
-        ModelConfig(norm_kernel="triton")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -124,6 +130,7 @@ def test_decoder_loss_and_gradients_equal_for_both_implementations(family):
     assert_decoder_settings_agree(family, "norm_kernel", ("xla", "pallas"), n_layers=2, d_model=24)
 
 
+@needs_devices(8)
 def test_sharded_bf16_decoder_with_remat_equal_for_both_implementations(no_compilation_cache):
     """What `auto` runs on GPUs: bf16 compute, remat dots_attention (the kernels' forward pass runs again in
     the backward pass, inside jax.checkpoint), on a mesh (per device under shard_map). Loss relative 1e-3,

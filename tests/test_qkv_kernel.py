@@ -1,5 +1,5 @@
 """gpt2's q/k/v bias add and split (dsjax.models.qkv): the Pallas backward kernel (run by Pallas's interpreter on
-these CPUs) and autodiff give the same q, k, v and the same gradients of qkv and of the bias, on one device,
+CPUs, compiled on GPUs) and autodiff give the same q, k, v and the same gradients of qkv and of the bias, on one device,
 on a sharded mesh and through the whole decoder; `auto` picks the kernel on GPUs.
 
 Tolerances: the qkv gradient is a copy of the cotangents, so it is compared exactly; the bias gradient is a
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from training import assert_decoder_settings_agree, needs_triton
+from training import AUTO_KERNEL, assert_decoder_settings_agree, needs_devices, needs_triton
 
 from dsjax.config import ConfigError, ModelConfig
 from dsjax.mesh import make_mesh
@@ -68,6 +68,7 @@ def test_the_kernel_keeps_bf16():
     assert np.abs(db.astype(jnp.float32) - exact).max() <= np.abs(want_db.astype(jnp.float32) - exact).max()
 
 
+@needs_devices(8)
 @pytest.mark.parametrize("degrees", [dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2)])
 def test_the_kernel_runs_on_each_devices_rows_and_heads(degrees):
     mesh = make_mesh({"data": 1, "pipeline": 1, "fsdp": 1, "tensor": 1, **degrees})
@@ -88,7 +89,7 @@ def test_decoder_loss_and_gradients_equal_for_both_kernels():
 
 
 def test_auto_takes_the_kernel_on_gpus(monkeypatch):
-    assert qkv_mod.resolve("auto") == "xla"  # these CPUs
+    assert qkv_mod.resolve("auto") == AUTO_KERNEL  # this backend's devices
     monkeypatch.setattr(qkv_mod, "sharding_platform", lambda sharding: "gpu")
     assert qkv_mod.resolve("auto") == "pallas"
     for check in (lambda: ModelConfig(qkv_kernel="triton"), lambda: qkv_mod.resolve("triton")):

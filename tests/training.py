@@ -16,6 +16,19 @@ from dsjax.train import batch_at, build
 # The norm, GELU, q/k/v and Triton loss kernels are written for Pallas's Triton backend (deprecated in jax 0.11).
 needs_triton = pytest.mark.skipif(not triton_available(), reason="this jax lacks Pallas's Triton backend")
 
+# `make test` runs on CPUs (tests/conftest.py); the kernel tests also run on GPUs (JAX_PLATFORMS=cuda), where
+# the kernels are compiled instead of interpreted and the tests that need a mesh of 8 devices skip.
+ON_GPU = jax.default_backend() == "gpu"
+# What `auto` takes for the norm, GELU, q/k/v and loss kernels on this backend's devices, at sizes they take.
+AUTO_KERNEL = "pallas" if ON_GPU and triton_available() else "xla"
+
+
+def needs_devices(n: int):
+    return pytest.mark.skipif(
+        jax.device_count() < n, reason=f"needs {n} devices; {jax.default_backend()} has {jax.device_count()}"
+    )
+
+
 # A small model for command-line runs: compile time, and so test time, grows with the model.
 SMALL_FLAGS = [
     "--model.n_layers=1",
