@@ -8,6 +8,7 @@ fit stops with numbers instead of dying later with an out-of-memory error.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -52,11 +53,34 @@ def device_limit(device: jax.Device) -> int | None:
     return (stats or {}).get("bytes_limit")
 
 
+def host_memory() -> int | None:
+    """Bytes of memory this process may use at most: the machine's physical memory, or its container's
+    (cgroup v2 or v1) limit where that is lower; None where neither can be read."""
+    sizes = []
+    with contextlib.suppress(ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" where the container has no limit
+            sizes.append(int(text))
+    return min(sizes) if sizes else None
+
+
 def budget(config: Config, device: jax.Device) -> tuple[int | None, str]:
-    """(bytes, where the number comes from): train.memory_budget_gb if set, else the device's limit."""
+    """(bytes, where the number comes from): train.memory_budget_gb if set, else the device's limit; on CPUs,
+    which report none, the machine's memory shared by this process's CPU devices (a step that needs more
+    cannot run; one that fits may still not, as the host holds more than the step)."""
     if config.train.memory_budget_gb > 0:
         return int(config.train.memory_budget_gb * GIB), "train.memory_budget_gb"
-    return device_limit(device), f"the JAX allocator's limit on {device.device_kind}"
+    limit = device_limit(device)
+    if limit is None and device.platform == "cpu" and (host := host_memory()):
+        n = len(jax.local_devices(backend="cpu"))
+        return host // n, f"this machine's {fmt_bytes(host)} of memory shared by {n} CPU device(s)"
+    return limit, f"the JAX allocator's limit on {device.device_kind}"
 
 
 def _scheduler_knob(budget_bytes: int, device: jax.Device, mem) -> str | None:
@@ -117,7 +141,9 @@ def preflight(config: Config, mem, device: jax.Device, degrees: dict[str, int]) 
         knobs.append(knob)
     if config.precision.policy == "fp32":
         knobs.append("--precision.policy=bf16 (half-size activations)")
-    if source != "train.memory_budget_gb":
+    if device.platform == "cpu" and source != "train.memory_budget_gb":
+        knobs.append("a GPU, or a machine with more memory")
+    elif source != "train.memory_budget_gb":
         knobs.append("a larger XLA_PYTHON_CLIENT_MEM_FRACTION (dsjax sets 0.9 where it is unset)")
     raise ConfigError(
         f"the compiled train step needs {fmt_bytes(need)} per device (arguments "

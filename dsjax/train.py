@@ -550,7 +550,8 @@ def _main(argv: Sequence[str]) -> int:
         try:
             memory.preflight(config, compiled.memory_analysis(), jax.local_devices()[0], run.degrees)
         except ConfigError as err:
-            say(f"preflight: a real run would stop here: {err}")
+            if primary:
+                print(f"dsjax: preflight: a real run would stop here: {err}", file=sys.stderr)
             code = 2
         say("dry run: compiled the train step; nothing was trained.")
         return code

@@ -341,8 +341,8 @@ def test_dry_run_reports_the_pipeline_schedule(capsys):
     assert "pipeline: circular, 2 stages x 2 chunk(s), 4 microbatches, 9 unrolled ticks, bubble 11.1% " in out
     assert "(stage 0: layers 0, 2; stage 1: layers 1, 3)" in out
     assert "per-device memory:" in out and "step total" in out
-    assert "preflight: a real run would stop here" in out and "--pipeline.unroll=false" in out
+    assert "preflight: a real run would stop here" in err and "--pipeline.unroll=false" in err
     code, out, err = run_main(capsys, *argv, "--pipeline.unroll=false")
     assert code == 2, err
     assert "4 microbatches, 9 scanned ticks, bubble 11.1% " in out
-    assert "preflight: a real run would stop here" in out and "--pipeline.unroll=false" not in out
+    assert "preflight: a real run would stop here" in err and "--pipeline.unroll=false" not in err

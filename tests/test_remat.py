@@ -80,7 +80,7 @@ def test_preflight_offers_prevent_cse_only_where_it_helps(capsys):
         (["--remat.policy=dots", "--model.scan_layers=true"], False),  # a rolled scan: nothing to merge
     ]:
         assert main([*tight, *extra]) == 2  # the dry run's preflight would stop a real run
-        assert ("--remat.prevent_cse=true" in capsys.readouterr().out) == offered, extra
+        assert ("--remat.prevent_cse=true" in capsys.readouterr().err) == offered, extra
 
 
 def temp_bytes(policy: str, every: int = 1, cfg: ModelConfig = MODEL, prevent_cse: bool = False) -> int:
@@ -162,7 +162,7 @@ def test_preflight_stops_a_run_that_does_not_fit(capsys, tmp_path):
         assert knob in err
     assert "Traceback" not in err
     assert main(["--dry-run", "--train.memory_budget_gb=0.0001", *SMALL]) == 2
-    assert "preflight: a real run would stop here" in capsys.readouterr().out
+    assert "preflight: a real run would stop here" in capsys.readouterr().err
 
 
 class _FakeDevice:
@@ -212,6 +212,38 @@ def test_a_budget_below_the_gpu_names_the_schedulers_memory_limit(monkeypatch):
         memory.preflight(Config(), step(64), _FakeDevice("gpu", 60 * gib), {"fsdp": 1, "pipeline": 1})
     assert "slop_factor" not in str(err.value) and "the JAX allocator's limit on fake gpu" in str(err.value)
     memory.preflight(Config(train=TrainConfig(memory_budget_gb=80)), step(64), gpu, {"fsdp": 1, "pipeline": 1})
+
+
+def test_on_cpus_the_budget_is_the_machines_memory_over_its_devices(monkeypatch, capsys, tmp_path):
+    """CPUs report no allocator limit; their devices share the machine's memory, so a step that needs more
+    than its share stops before it runs (gpt2-124m on a 23.5 GiB machine had compiled to 94.5 GiB a device)."""
+    from types import SimpleNamespace
+
+    from dsjax import memory
+
+    host = memory.host_memory()
+    assert host is not None and host > 2**28  # this Linux machine reports its memory
+    gib = memory.GIB
+    monkeypatch.setattr(memory, "host_memory", lambda: 16 * gib)
+    step = SimpleNamespace(
+        argument_size_in_bytes=gib, output_size_in_bytes=gib, alias_size_in_bytes=gib, temp_size_in_bytes=2 * gib
+    )
+    n = len(jax.local_devices(backend="cpu"))
+    assert memory.budget(Config(), _FakeDevice("cpu", None))[0] == 16 * gib // n
+    degrees = {"data": 1, "fsdp": 1, "tensor": 1, "pipeline": 1}
+    with pytest.raises(ConfigError) as err:
+        memory.preflight(Config(), step, _FakeDevice("cpu", None), degrees)
+    assert f"this machine's 16.00 GiB of memory shared by {n} CPU device(s)" in str(err.value)
+    assert "a GPU, or a machine with more memory" in str(err.value) and "MEM_FRACTION" not in str(err.value)
+    memory.preflight(Config(train=TrainConfig(memory_budget_gb=4)), step, _FakeDevice("cpu", None), degrees)
+    monkeypatch.setattr(memory, "host_memory", lambda: None)  # unknown: no check
+    memory.preflight(Config(), step, _FakeDevice("cpu", None), degrees)
+
+    monkeypatch.setattr(memory, "host_memory", lambda: 2**20)  # the command line: a run stops before step 0
+    assert main([f"--out={tmp_path / 'run'}", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "of memory shared by" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_remat_dtype_is_unchanged():
