@@ -37,6 +37,9 @@ DEFAULT_PORT = 29481  # SLURM / Open MPI without MASTER_PORT: this plus (job id 
 # per device is that measurement, not a bound derived for every program. The suite's pipeline and layout
 # tests took 391 s with 8 threads and 395 s with 32 on that machine.
 CPU_THREADS_PER_DEVICE = 4
+# Simulated CPU devices on one machine, over all its processes: each brings its own threads, and 4096 of them
+# took minutes to start (a --cpu-devices=4096 run seemed to hang).
+MAX_CPU_DEVICES = 512
 
 
 class DistributedError(RuntimeError):

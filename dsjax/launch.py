@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from dsjax.jobenv import cpu_thread_env
+from dsjax.jobenv import MAX_CPU_DEVICES, cpu_thread_env
 
 CONFIG_EXIT_CODE = 2  # dsjax.train's exit code for a bad config or flag: restarting cannot help
 PREEMPTED_EXIT_CODE = 75  # dsjax.checkpoint.PREEMPTED_EXIT_CODE (not imported: the launcher never loads JAX)
@@ -71,6 +71,12 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise LaunchError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+    if args.cpu_devices_per_proc is not None and args.nproc * args.cpu_devices_per_proc > MAX_CPU_DEVICES:
+        raise LaunchError(
+            f"--nproc={args.nproc} x --cpu-devices-per-proc={args.cpu_devices_per_proc} is "
+            f"{args.nproc * args.cpu_devices_per_proc} simulated CPU devices on this machine, more than "
+            f"{MAX_CPU_DEVICES}: each brings its own threads, and thousands take minutes to start and stop."
+        )
     if not 0 <= args.port < 65536:
         raise LaunchError(f"--port must be in 0..65535, got {args.port}.")
     if args.run == "dsjax.train" and not any(a.startswith("--out=") or a == "--out" for a in rest):

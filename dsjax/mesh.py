@@ -16,10 +16,8 @@ import jax
 from jax.sharding import AxisType
 
 from dsjax.config import Config, ConfigError, MeshConfig, check_tensor_degree
-from dsjax.jobenv import cpu_thread_env
+from dsjax.jobenv import MAX_CPU_DEVICES, cpu_thread_env
 from dsjax.sharding import MESH_AXES
-
-MAX_CPU_DEVICES = 512
 
 
 def simulate_cpu_devices(n: int) -> None:

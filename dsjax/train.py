@@ -576,7 +576,7 @@ def _quiet(*_args, **_kwargs) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: exit 0 on success, 2 on a bad config or flag, 1 if training or a checkpoint save
+    """CLI entry point: exit 0 on success, 2 on a bad config or flag, 1 if training, a checkpoint save or a read
     failed, 75 (checkpoint.PREEMPTED_EXIT_CODE) after a SIGTERM / SIGINT and its checkpoint."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -327,6 +327,7 @@ def test_dsjax_leaves_its_cache_off_on_several_cpu_devices(tmp_path, caplog, mon
         (["--nproc=2", "--min-nproc=3"], ["--min-nproc=3", "--nproc=2"]),
         (["--nproc=2", "--max-restarts=-1"], ["--max-restarts"]),
         (["--nproc=2", "--cpu-devices-per-proc=0"], ["--cpu-devices-per-proc"]),
+        (["--nproc=4", "--cpu-devices-per-proc=200"], ["--nproc=4", "--cpu-devices-per-proc=200", "800", "512"]),
     ],
 )
 def test_launcher_flags_are_checked(argv, words):
