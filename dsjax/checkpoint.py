@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -199,7 +200,8 @@ class Checkpointer:
             read_only=read_only,
         )
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-        self.manager = ocp.CheckpointManager(self.dir, options=options, item_handlers=handlers)
+        with _without_read_only_notice():
+            self.manager = ocp.CheckpointManager(self.dir, options=options, item_handlers=handlers)
 
     # -- saving ---------------------------------------------------------------------------------------
 
@@ -623,3 +625,21 @@ class Preemption:
 
         flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
         return bool(np.max(flags))
+
+
+class _ReadOnlyNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _without_read_only_notice():
+    """Orbax warns 'Given directory is read only' for every read-only manager: on every restore from another
+    run's directory, which is what the user asked for (dsjax logs the restore itself)."""
+    notice = _ReadOnlyNotice()
+    logger = logging.getLogger("absl")
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)

@@ -148,6 +148,25 @@ def test_restoring_into_another_model_shape_names_the_parameter_and_both_shapes(
     assert "64" in message and "96" in message and str(tmp_path / "ckpt" / "4") in message
 
 
+def test_a_read_only_restore_does_not_warn_that_it_is_read_only(tmp_path, monkeypatch, caplog):
+    """Orbax logs 'Given directory is read only' for each read-only manager (every restore from another run's
+    directory); dsjax drops that one record and nothing else."""
+    import contextlib
+    import logging
+
+    notice = "Given directory is read only"
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        with monkeypatch.context() as m:
+            m.setattr(ckpt, "_without_read_only_notice", contextlib.nullcontext)
+            ckpt.Checkpointer(tmp_path, CheckpointConfig(), read_only=True)
+        assert notice in caplog.text  # what this Orbax does without the filter
+        caplog.clear()
+        ckpt.Checkpointer(tmp_path, CheckpointConfig(), read_only=True)
+        assert notice not in caplog.text
+        logging.getLogger("absl").warning("%s=afterwards", notice)  # the filter is gone again
+        assert f"{notice}=afterwards" in caplog.text
+
+
 @pytest.mark.parametrize("restore, fragment", [("17", "no finalized checkpoint of step 17"), ("nowhere", "nowhere")])
 def test_a_missing_restore_target_is_a_config_error_naming_it(tmp_path, monkeypatch, restore, fragment):
     trained_checkpoints(tmp_path)
