@@ -15,6 +15,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from dsjax import distributed
 from dsjax.config import Config, ConfigError
 from dsjax.pipeline import Plan
 
@@ -72,14 +73,16 @@ def host_memory() -> int | None:
 
 def budget(config: Config, device: jax.Device) -> tuple[int | None, str]:
     """(bytes, where the number comes from): train.memory_budget_gb if set, else the device's limit; on CPUs,
-    which report none, the machine's memory shared by this process's CPU devices (a step that needs more
-    cannot run; one that fits may still not, as the host holds more than the step)."""
+    which report none, the machine's memory shared by the CPU devices of the job's processes on it (a step
+    that needs more cannot run; one that fits may still not, as the host holds more than the step)."""
     if config.train.memory_budget_gb > 0:
         return int(config.train.memory_budget_gb * GIB), "train.memory_budget_gb"
     limit = device_limit(device)
     if limit is None and device.platform == "cpu" and (host := host_memory()):
-        n = len(jax.local_devices(backend="cpu"))
-        return host // n, f"this machine's {fmt_bytes(host)} of memory shared by {n} CPU device(s)"
+        procs = distributed.process_env().local_world_size  # a job's processes on this machine share it too
+        n = len(jax.local_devices(backend="cpu")) * procs
+        where = f"{procs} processes' " if procs > 1 else ""
+        return host // n, f"this machine's {fmt_bytes(host)} of memory shared by {where}{n} CPU device(s)"
     return limit, f"the JAX allocator's limit on {device.device_kind}"
 
 

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from dsjax.config import Config, ConfigError, ModelConfig, RematConfig, TrainConfig
+from dsjax.jobenv import ProcessEnv
 from dsjax.models import Decoder
 from dsjax.remat import REMAT_POLICIES
 from dsjax.step import loss_fn
@@ -236,6 +237,10 @@ def test_on_cpus_the_budget_is_the_machines_memory_over_its_devices(monkeypatch,
     assert f"this machine's 16.00 GiB of memory shared by {n} CPU device(s)" in str(err.value)
     assert "a GPU, or a machine with more memory" in str(err.value) and "MEM_FRACTION" not in str(err.value)
     memory.preflight(Config(train=TrainConfig(memory_budget_gb=4)), step, _FakeDevice("cpu", None), degrees)
+    with monkeypatch.context() as m:  # two processes of a job on this machine
+        m.setattr(memory.distributed, "process_env", lambda: ProcessEnv(2, 1, 1, 2, "localhost:1234", "torchrun"))
+        limit, source = memory.budget(Config(), _FakeDevice("cpu", None))
+        assert limit == 16 * gib // (2 * n) and f"shared by 2 processes' {2 * n} CPU device(s)" in source
     monkeypatch.setattr(memory, "host_memory", lambda: None)  # unknown: no check
     memory.preflight(Config(), step, _FakeDevice("cpu", None), degrees)
 
