@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -138,6 +139,7 @@ def initialize(
             raise JobConfigError(f"the peer timeout must be positive seconds, got {timeout}.")
         if local_device_ids is None:
             local_device_ids = _local_gpus(found, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
         try:
             jax.distributed.initialize(
                 found.coordinator,
@@ -153,6 +155,13 @@ def initialize(
             raise DistributedError(
                 f"joining the job as {found.describe()} failed: {type(err).__name__}: {err}"
             ) from err
+        if sigterm is not None:
+            # jax.distributed installs a SIGTERM handler of its own (a preemption notifier for
+            # multihost_utils.reached_preemption_sync_point, which dsjax does not use): the signal would only be
+            # noted, and the process would run to its end. What was there before stays in charge: until step 0
+            # that ends the process, as in a single-process run; from step 0 dsjax's own handler saves and stops
+            # (checkpoint.Preemption).
+            signal.signal(signal.SIGTERM, sigterm)
         _state["watch"] = PeerWatch(found, timeout)
     _state["env"] = found
     if backend == "nccl" and jax.default_backend() != "gpu":

@@ -1,7 +1,7 @@
 """Real multi-process jobs on CPU (jax.distributed over Gloo), started by `python -m dsjax.launch` or by
 hand: CommContext verbs across 2 and 4 processes, a 2-process training run against a 1-process run on
-the same global mesh, kill -9 of a worker (restart, and elastic restart on fewer processes), and a peer
-killed outside a launcher."""
+the same global mesh, kill -9 of a worker (restart, and elastic restart on fewer processes), a peer
+killed outside a launcher, and SIGTERM to a job that has nothing to save."""
 
 import json
 import os
@@ -179,6 +179,20 @@ def test_sigterm_to_one_process_stops_the_job_at_one_agreed_step(tmp_path):
     assert "not restarting" in log and "another process was signalled" in log
     again = finish(launch(*args, f"--train.steps={stop + 2}"))
     assert f"restored {out / 'checkpoints' / str(stop)} (step {stop}," in again
+
+
+def test_sigterm_ends_a_job_that_has_nothing_to_save(tmp_path):
+    """jax.distributed's own SIGTERM handler only notes the signal; dsjax puts the previous one back, so a job
+    without checkpoints (and any job before step 0) ends on SIGTERM as one process does, instead of running
+    on to its last step while the launcher waits."""
+    out = tmp_path / "job"
+    args = ["--nproc=2", "--cpu-devices-per-proc=1", "--", f"--out={out}", *TRAIN, "--checkpoint.enabled=false"]
+    proc = launch(*args, "--train.steps=100000")  # the last value of a flag wins
+    wait_for(lambda: (out / "metrics.jsonl").is_file() or proc.poll() is not None, "the first step")
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert "rank 0: killed by SIGTERM, rank 1: killed by SIGTERM" in log
 
 
 def test_a_dead_peer_outside_a_launcher_ends_the_others_within_the_bound(tmp_path):
