@@ -18,9 +18,11 @@ import itertools
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from dsjax.metrics import FIELDS, check_record, finite_number
+from dsjax.rundir import unwritable
 
 GIB = 2**30
 EVENTS = ("restored_from", "rollback_to", "advice", "profile")
@@ -63,8 +65,11 @@ def latest(records: list[dict]) -> list[dict]:
     return [r for _, r in sorted(kept.values(), key=lambda ir: (ir[1]["step"], ir[0]))]
 
 
-def load(run_dir: str | Path) -> list[dict]:
-    """The records of RUN_DIR/metrics.jsonl, checked against dsjax.metrics.SCHEMA, repeats resolved by `latest`."""
+def load(run_dir: str | Path, log: Callable[[str], None] = print) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl, checked against dsjax.metrics.SCHEMA, repeats resolved by `latest`.
+
+    A last line cut short (no newline, not valid JSON: the run is writing it, or stopped while it was) is left
+    out, with a warning through `log`; any other bad line is a ReportError naming it."""
     run_dir = Path(run_dir)
     hint = "give the directory a run wrote with `python -m dsjax.train --out=DIR` (it holds metrics.jsonl)."
     if not run_dir.is_dir():
@@ -72,25 +77,32 @@ def load(run_dir: str | Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ReportError(f"{run_dir} holds no metrics.jsonl (or the run stopped before logging anything): {hint}")
+    with open(path, encoding="utf-8", errors="replace") as f:  # a bad byte: that line is not valid JSON
+        lines = f.readlines()
     records = []
-    with open(path, encoding="utf-8", errors="replace") as lines:  # a bad byte: that line is not valid JSON
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-                # A key this version does not know comes from a newer dsjax: left out, so old tools still read it.
-                record = {k: v for k, v in record.items() if k in FIELDS}
-                check_record(record)
-                if not isinstance(record["step"], int):  # check_record lets null through, as for any key
-                    raise ValueError(f"its step is {record['step']!r}, not an integer")
-            except json.JSONDecodeError as err:
-                raise ReportError(f"{path}, line {n}: not valid JSON ({err.msg} at column {err.colno}).") from None
-            except ValueError as err:
-                raise ReportError(f"{path}, line {n}: {err} (see dsjax.metrics.SCHEMA).") from None
-            records.append(record)
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if n == len(lines) and not line.endswith("\n"):
+                log(f"warning: {path}, line {n}, the last, is cut short (no newline, not valid JSON): left out.")
+                break
+            raise ReportError(f"{path}, line {n}: not valid JSON ({err.msg} at column {err.colno}).") from None
+        try:
+            if not isinstance(record, dict):
+                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+            # A key this version does not know comes from a newer dsjax: left out, so old tools still read it.
+            record = {k: v for k, v in record.items() if k in FIELDS}
+            check_record(record)
+            if not isinstance(record["step"], int):  # check_record lets null through, as for any key
+                raise ValueError(f"its step is {record['step']!r}, not an integer")
+        except ValueError as err:
+            raise ReportError(f"{path}, line {n}: {err} (see dsjax.metrics.SCHEMA).") from None
+        records.append(record)
+    if not records:
+        raise ReportError(f"{path} holds no records yet: the run has not logged its first step.")
     return latest(records)
 
 
@@ -186,6 +198,11 @@ def summary(run_dir: str | Path | None, records: list[dict]) -> str:
         steps, values = _series(rows, key)
         if steps:
             out.append(f"- {label}: {values[0]:.4f} (step {steps[0]}) -> {values[-1]:.4f} (step {steps[-1]})")
+        # metrics.jsonl holds a NaN or infinite value as null: a key present without a finite number
+        bad = [r["step"] for r in rows if key in r and finite_number(r[key]) is None]
+        if bad:
+            listed = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            out.append(f"- non-finite {label} (NaN or infinite) at {len(bad)} of {len(rows)} records: step {listed}")
     # The first window after the start and after each restart includes compiling: left out of the medians.
     starts = [-1] + [r["step"] for r in records if "restored_from" in r]
     warmup = {next((r["step"] for r in train if r["step"] > s), None) for s in starts}
@@ -235,7 +252,12 @@ def write(run_dir: str | Path, out: str | Path | None = None, records: list[dict
 
     `records`: RUN_DIR's, already loaded (read from metrics.jsonl when not given)."""
     records = load(run_dir) if records is None else records
-    out = Path(out) if out is not None else Path(run_dir) / "report"
+    if out is not None and not str(out).strip():
+        raise ReportError("--out is empty: name the directory to write the report into (default RUN_DIR/report).")
+    out = Path(out).expanduser() if out is not None else Path(run_dir) / "report"
+    why = unwritable(out)
+    if why is not None:
+        raise ReportError(f"the report's directory {out} {why}; give --out a directory you can write.")
     out.mkdir(parents=True, exist_ok=True)
     figs = figures(records)
     for name in PLOTS:
@@ -254,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="where to write the plots and summary.md (default RUN_DIR/report/)")
     args = parser.parse_args(argv)
     try:
-        records = load(args.run_dir)  # the run's own errors first: they need no matplotlib
+        records = load(args.run_dir, log=lambda line: print(line, file=sys.stderr))  # needs no matplotlib
         import matplotlib
 
         matplotlib.use("Agg")  # files only: never pick a GUI backend from the environment

@@ -88,6 +88,7 @@ def test_write_plots_and_summary(tmp_path):
     assert "- precision: policy=bf16" in text
     assert "- steps: 0 to 50 (5 training records, 3 evaluations)" in text
     assert "- loss: 4.0000 (step 10) -> 2.2500 (step 50)" in text
+    assert "- non-finite loss (NaN or infinite) at 1 of 5 records: step 40" in text
     assert "- eval loss: 5.5000 (step 0) -> 2.0000 (step 50)" in text
     # After the first window and the first window after the restart (steps 10 and 30): 2000, 3000, 4000.
     assert "- median tokens/s (after the first window): 3,000" in text
@@ -124,6 +125,9 @@ def test_history_with_nan_and_no_run_dir():
     assert list(figs) == ["loss"] and "loss_scale (no data)" in report.summary(None, history)
     assert list(figs["loss"].axes[0].lines[0].get_ydata()) == [3.0]
     assert "- loss: 3.0000 (step 2) -> 3.0000 (step 2)" in report.summary(None, history)
+    assert "- non-finite loss (NaN or infinite) at 1 of 2 records: step 1" in report.summary(None, history)
+    many = [{"step": s, "loss": math.inf} for s in range(7)]
+    assert "at 7 of 7 records: step 0, 1, 2, 3, 4 and 2 more" in report.summary(None, many)
 
 
 @pytest.mark.parametrize(
@@ -144,6 +148,33 @@ def test_bad_line_names_the_file_and_line(tmp_path, line, message):
         f.write(b"\n" + line + b"\n")  # a blank line 3 is skipped, but still counted
     with pytest.raises(report.ReportError, match=f"metrics.jsonl, line 4: .*{message}"):
         report.load(run)
+
+
+def test_a_last_line_cut_short_is_left_out_with_a_warning(tmp_path, capsys):
+    """A run that is writing its next record, or stopped while it was: the report covers the records before it."""
+    run = make_run(tmp_path / "run", RECORDS[:3], config=False)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 30, "loss": 2.')
+    assert report.main([str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert "metrics.jsonl, line 4, the last, is cut short (no newline, not valid JSON): left out." in err
+    assert "wrote " in out and [r["step"] for r in report.load(run, log=lambda line: None)] == [0, 10, 20]
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(report.ReportError, match="holds no records yet"):
+        report.load(run)
+
+
+def test_out_that_cannot_hold_the_report_is_an_error(tmp_path, capsys):
+    run = make_run(tmp_path / "run", CPU_RECORDS, config=False)
+    (tmp_path / "file").write_text("")
+    for out, message in [
+        (tmp_path / "file", f"the report's directory {tmp_path / 'file'} is a file"),
+        (tmp_path / "file" / "sub", f"cannot be created: {tmp_path / 'file'} is not a directory"),
+        ("", "--out is empty"),
+    ]:
+        assert report.main([str(run), f"--out={out}"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
 
 
 def test_cli_writes_the_report(tmp_path, capsys):
