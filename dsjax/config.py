@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import typing
@@ -88,6 +89,7 @@ class ModelConfig:
     )
 
     def __post_init__(self):
+        _check_fields(self)
         _require(self.family in FAMILIES, f"model.family must be one of {FAMILIES}, got {self.family!r}.")
         for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "max_seq_len"):
             value = getattr(self, name)
@@ -149,6 +151,7 @@ class MeshConfig:
     tensor: int = doc(1, "tensor-parallel degree (Megatron-style heads / MLP split); -1 = the rest")
 
     def __post_init__(self):
+        _check_fields(self)
         degrees = self.degrees()
         for name, value in degrees.items():
             _require(
@@ -189,6 +192,7 @@ class TrainConfig:
     grad_accum: int = doc(1, "microbatches per step: gradients of batch_size / grad_accum sequences summed, one update")
 
     def __post_init__(self):
+        _check_fields(self)
         for name in ("steps", "batch_size", "seq_len", "log_every", "eval_batches", "grad_accum"):
             value = getattr(self, name)
             _require(value >= 1, f"train.{name} must be a positive integer, got {value}.")
@@ -218,6 +222,7 @@ class DataConfig:
     val_fraction: float = doc(0.02, "share of the data held out for evaluation")
 
     def __post_init__(self):
+        _check_fields(self)
         _require(self.source in DATA_SOURCES, f"data.source must be one of {DATA_SOURCES}, got {self.source!r}.")
         _require(
             self.source not in ("text", "tokens") or self.path,
@@ -257,6 +262,7 @@ class PrecisionConfig:
     max_consecutive_skips: int = doc(25, "stop training after this many non-finite (skipped) steps in a row")
 
     def __post_init__(self):
+        _check_fields(self)
         from dsjax.precision import dynamic_loss_scale, loss_scale_from_config, parse_policy  # imported late
 
         parse_policy(self.policy)
@@ -285,6 +291,7 @@ class RematConfig:
     )
 
     def __post_init__(self):
+        _check_fields(self)
         from dsjax.remat import REMAT_POLICIES
 
         _require(
@@ -305,6 +312,7 @@ class PipelineConfig:
     unroll: bool = doc(True, "gpipe, circular: ticks as straight-line code (faster, more memory); false: scans")
 
     def __post_init__(self):
+        _check_fields(self)
         _require(
             self.schedule in PIPELINE_SCHEDULES,
             f"pipeline.schedule must be one of {PIPELINE_SCHEDULES}, got {self.schedule!r}.",
@@ -342,6 +350,7 @@ class CheckpointConfig:
     max_rollbacks: int = doc(3, "rollbacks allowed in one run before it stops with an error")
 
     def __post_init__(self):
+        _check_fields(self)
         _require(self.every >= 0, f"checkpoint.every must be >= 0 steps, got {self.every}.")
         _require(self.every_minutes >= 0, f"checkpoint.every_minutes must be >= 0 minutes, got {self.every_minutes}.")
         _require(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}.")
@@ -360,6 +369,7 @@ class MonitorConfig:
     run_name: str = doc("", "the `run` label of exported metrics (default: the run directory's name)")
 
     def __post_init__(self):
+        _check_fields(self)
         _require(
             0 <= self.prometheus_port <= 65535,
             f"monitor.prometheus_port must be a TCP port in 1..65535 (0 = off), got {self.prometheus_port}.",
@@ -373,6 +383,7 @@ class ProfileConfig:
     steps: str = doc("", "START:END: a jax.profiler trace of steps START..END (1-based, inclusive) in <out>/profile")
 
     def __post_init__(self):
+        _check_fields(self)
         self.span()
 
     def span(self) -> tuple[int, int] | None:
@@ -420,6 +431,7 @@ class Config:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self):
+        _check_sections(self)
         _require(
             self.model.n_layers % self.remat.every == 0,
             f"remat.every ({self.remat.every}) must divide model.n_layers ({self.model.n_layers}): layers are "
@@ -593,12 +605,36 @@ _PARSERS: dict[Any, tuple[Callable[[str], Any], str]] = {
 }
 
 
+@functools.cache
 def _field_types(section_cls: type) -> dict[str, Any]:
     return typing.get_type_hints(section_cls)
 
 
+@functools.cache
+def _section_name(section_cls: type) -> str:
+    return next(name for name, cls in SECTIONS.items() if cls is section_cls)
+
+
+def _check_fields(section: Any) -> None:
+    """A ConfigError naming the first field of `section` (a section dataclass) whose value is not of its type,
+    before the section's own checks compare it with numbers (Python callers pass any object)."""
+    name = _section_name(type(section))
+    for key, kind in _field_types(type(section)).items():
+        _check_type(f"{name}.{key}", getattr(section, key), kind)
+
+
+def _check_sections(config: Any) -> None:
+    for name, cls in SECTIONS.items():
+        value = getattr(config, name)
+        _require(
+            isinstance(value, cls),
+            f"Config.{name} must be a {cls.__name__}, got {value!r} ({type(value).__name__}); build it as "
+            f"{cls.__name__}(...), or the whole config from plain dicts with Config.from_dict.",
+        )
+
+
 def _check_type(key: str, value: Any, kind: type) -> None:
-    """A value loaded from JSON must have its field's type (an int is accepted where a float is due)."""
+    """A field's value must have its type (an int is accepted where a float is due; a float must be finite)."""
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True

@@ -23,6 +23,18 @@ from dsjax.sharding import MESH_AXES
 def simulate_cpu_devices(n: int) -> None:
     """Make JAX expose `n` CPU devices, with the threads their collectives need (jobenv.cpu_thread_env).
     Must run before JAX initialises a backend (first array op)."""
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise ConfigError(f"--cpu-devices (simulate_cpu_devices) takes an integer, got {n!r} ({type(n).__name__}).")
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        if jax.default_backend() == "cpu" and jax.device_count() == n:
+            return  # already so (a notebook cell run twice)
+        raise ConfigError(
+            f"simulate_cpu_devices({n}) must run before JAX starts its devices, and this process already has "
+            f"{jax.device_count()} {jax.default_backend()} device(s) (an array, a jit or jax.devices() ran first). "
+            "In a notebook, restart the kernel and call it in the first cell."
+        )
     if not 1 <= n <= MAX_CPU_DEVICES:
         raise ConfigError(
             f"--cpu-devices must be between 1 and {MAX_CPU_DEVICES}, got {n}: each simulated device brings its "

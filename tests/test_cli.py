@@ -15,7 +15,7 @@ import pytest
 from training import SMALL_FLAGS
 
 from dsjax import train
-from dsjax.config import SECTIONS, Config, apply_overrides, preset
+from dsjax.config import SECTIONS, Config, ConfigError, apply_overrides, preset
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -346,3 +346,14 @@ def test_dry_run_reports_the_pipeline_schedule(capsys):
     assert code == 2, err
     assert "4 microbatches, 9 scanned ticks, bubble 11.1% " in out
     assert "preflight: a real run would stop here" in err and "--pipeline.unroll=false" not in err
+
+
+def test_simulated_cpu_devices_are_asked_for_before_jax_starts():
+    """The notebook call: in this process JAX already runs on the suite's 8 CPU devices."""
+    from dsjax.mesh import simulate_cpu_devices
+
+    simulate_cpu_devices(8)  # already so: a notebook cell run again
+    with pytest.raises(ConfigError, match=r"simulate_cpu_devices\(4\) must run before JAX.* restart the kernel"):
+        simulate_cpu_devices(4)
+    with pytest.raises(ConfigError, match=r"takes an integer, got '4' \(str\)"):
+        simulate_cpu_devices("4")

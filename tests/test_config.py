@@ -8,6 +8,7 @@ import pytest
 from dsjax.config import (
     PRESETS,
     SECTIONS,
+    CheckpointConfig,
     Config,
     ConfigError,
     DataConfig,
@@ -447,6 +448,24 @@ def test_from_dict_validates():
 
 def test_from_dict_wrong_type_is_a_config_error():
     raises(lambda: Config.from_dict({"train": {"steps": "5"}}), "train.steps")
+
+
+@pytest.mark.parametrize(
+    "make, fragments",
+    [
+        (lambda: MeshConfig(data="2"), ["mesh.data must be an integer, got '2' (str)"]),
+        (lambda: TrainConfig(steps=40.5), ["train.steps must be an integer, got 40.5 (float)"]),
+        (lambda: TrainConfig(steps=True), ["train.steps must be an integer, got True (bool)"]),
+        (lambda: TrainConfig(lr=float("inf")), ["train.lr must be a finite number, got inf"]),
+        (lambda: dataclasses.replace(ModelConfig(), d_model="64"), ["model.d_model must be an integer"]),
+        (lambda: CheckpointConfig(enabled="yes"), ["checkpoint.enabled must be a boolean"]),
+        (lambda: Config(mesh={"data": 2}), ["Config.mesh must be a MeshConfig, got {'data': 2} (dict)", "from_dict"]),
+    ],
+)
+def test_python_callers_get_the_field_and_value_of_a_wrong_type(make, fragments):
+    """The notebook API: a value of the wrong type is named before any check compares it with a number."""
+    raises(make, *fragments)
+    assert TrainConfig(lr=1).lr == 1  # an int where a float is due
 
 
 def _help_line(text: str, section: str, name: str) -> str:
