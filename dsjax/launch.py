@@ -58,7 +58,17 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--min-nproc", type=int, default=None, help="elastic: fewest processes to restart with")
     p.add_argument("--run", default="dsjax.train", help="module (or script.py) each process runs")
     p.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one per attempt)")
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        raise LaunchError(
+            f"unknown launcher flag(s) {' '.join(unknown)}; the flags of the script each process runs go after "
+            f"`--`: {USAGE}."
+        )
+    if args.cpu_devices_per_proc is not None and args.gpus_per_proc is not None:
+        raise LaunchError(
+            "--cpu-devices-per-proc and --gpus-per-proc exclude each other: the first runs the processes on CPU "
+            "devices, the second gives each its GPUs."
+        )
     if args.nproc < 1:
         raise LaunchError(f"--nproc must be at least 1, got {args.nproc}.")
     if args.min_nproc is None:
@@ -79,6 +89,13 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         )
     if not 0 <= args.port < 65536:
         raise LaunchError(f"--port must be in 0..65535, got {args.port}.")
+    if args.cpu_devices_per_proc is not None and any(
+        a == "--cpu-devices" or a.startswith("--cpu-devices=") for a in rest
+    ):
+        raise LaunchError(
+            "--cpu-devices after `--` would override --cpu-devices-per-proc (and the threads the launcher sized "
+            "for it); give the devices once, as --cpu-devices-per-proc."
+        )
     if args.run == "dsjax.train" and not any(a.startswith("--out=") or a == "--out" for a in rest):
         rest.append(f"--out=runs/{time.strftime('%Y%m%d-%H%M%S')}-launch")
     return args, rest

@@ -328,6 +328,9 @@ def test_dsjax_leaves_its_cache_off_on_several_cpu_devices(tmp_path, caplog, mon
         (["--nproc=2", "--max-restarts=-1"], ["--max-restarts"]),
         (["--nproc=2", "--cpu-devices-per-proc=0"], ["--cpu-devices-per-proc"]),
         (["--nproc=4", "--cpu-devices-per-proc=200"], ["--nproc=4", "--cpu-devices-per-proc=200", "800", "512"]),
+        (["--nproc=2", "--preset=tiny"], ["unknown launcher flag(s) --preset=tiny", "go after `--`"]),
+        (["--nproc=2", "--cpu-devices-per-proc=1", "--gpus-per-proc=1"], ["exclude each other"]),
+        (["--nproc=2", "--cpu-devices-per-proc=2", "--", "--cpu-devices=4"], ["--cpu-devices after `--`"]),
     ],
 )
 def test_launcher_flags_are_checked(argv, words):
