@@ -106,3 +106,23 @@ def test_loss_chunk_must_divide_the_sequence():
     with pytest.raises(ConfigError, match=r"train\.loss_chunk \(48\) must be 0 or divide train\.seq_len \(128\)"):
         TrainConfig(seq_len=128, loss_chunk=48)
     assert TrainConfig(seq_len=128, loss_chunk=32).loss_chunk == 32
+
+
+def test_sample_checks_its_arguments_and_greedy_sampling_repeats():
+    from dsjax.config import Config, DataConfig, ModelConfig, TrainConfig
+    from dsjax.run import build, sample
+
+    model = ModelConfig(n_layers=1, d_model=16, n_heads=2, n_kv_heads=2, d_ff=32, max_seq_len=16)
+    config = Config(model=model, data=DataConfig(source="default"), train=TrainConfig(batch_size=4, seq_len=16))
+    run = build(config, devices=jax.devices()[:1])
+    for args, message in [
+        ((123, 5), r"prompt must be a string, got 123 \(int\)"),
+        (("def ", -5), r"n_tokens must be an integer >= 0, got -5"),
+        (("def ", 2.5), r"n_tokens must be an integer >= 0, got 2.5"),
+        (("def ", 5, -1.0), r"temperature must be a finite number >= 0 \(0: greedy\), got -1.0"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            sample(run, *args)
+    text = sample(run, "def ", 6, temperature=0)
+    assert text.startswith("def ") and text == sample(run, "def ", 6, temperature=0, seed=1)
+    assert sample(run, "def ", 0) == "def "

@@ -202,3 +202,10 @@ def test_cli_errors_exit_2_without_traceback(tmp_path):
         _, err = process.communicate(timeout=60)
         assert process.returncode == 2, err
         assert message in err and "Traceback" not in err, err
+
+
+def test_figures_and_summary_say_what_to_pass():
+    with pytest.raises(report.ReportError, match=r"pass the records, not a path: load\('runs/x'\)"):
+        report.figures("runs/x")
+    with pytest.raises(report.ReportError, match="integer 'step'"):
+        report.summary(None, [{"loss": 1.0}])
