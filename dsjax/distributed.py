@@ -231,7 +231,8 @@ class PeerWatch:
                 self._post("exited")
 
     def _lost(self, message: str) -> None:
-        print(f"dsjax: {message}", file=sys.stderr, flush=True)
+        # on a line of its own: the training loop's progress bar may be half-way through a line on stderr
+        print(f"\ndsjax: {message}", file=sys.stderr, flush=True)
         self._exit(PEER_LOST_EXIT_CODE)
 
     def _loop(self) -> None:
