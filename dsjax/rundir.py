@@ -42,19 +42,29 @@ def changed_data_settings(saved: dict, config: Config) -> list[str]:
     return changed
 
 
+def _logged(out_dir: Path, key: str) -> list[int]:
+    """The steps of out_dir/metrics.jsonl's records that hold `key` (unreadable lines skipped)."""
+    path = out_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    steps = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        with contextlib.suppress(ValueError, TypeError):
+            record = json.loads(line)
+            if isinstance(record, dict) and key in record:
+                steps.append(int(record["step"]))
+    return steps
+
+
 def last_logged_step(out_dir: Path) -> int:
     """The last training step an earlier attempt logged in out_dir/metrics.jsonl (0 if none): steps up to
     it that this attempt runs again are time lost to the restart."""
-    path = out_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    steps = [0]
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if isinstance(record, dict) and "loss" in record:
-                steps.append(int(record["step"]))
-    return max(steps)
+    return max(_logged(out_dir, "loss"), default=0)
+
+
+def finished(out_dir: Path | None, steps: int) -> bool:
+    """Whether the run in out_dir logged its final evaluation, at step `steps` (the last thing a run does)."""
+    return out_dir is not None and steps in _logged(out_dir, "eval_loss")
 
 
 def holds_checkpoints(directory: Path) -> bool:

@@ -456,6 +456,19 @@ def _train(
                 "checkpoint fixes the model and the data position, so training goes on with these."
             )
 
+    # A rerun of a finished run (its own checkpoint restored, at or past train.steps) trains and saves nothing.
+    rerun = checkpointer is not None and (checkpointer.last_saved or -1) >= config.train.steps
+    if rerun and rundir.finished(out_dir, config.train.steps):
+        # The same command again after the run ended: its final checkpoint and evaluation are the result, so
+        # nothing is compiled, evaluated or written. (A run stopped between its last save and its final
+        # evaluation goes on below: its rerun compiles and evaluates.)
+        checkpointer.close()
+        log(
+            f"the run is already complete (step {checkpointer.last_saved} of train.steps={config.train.steps}): "
+            "nothing to train; raise --train.steps to go on."
+        )
+        return run, []
+
     def open_outputs() -> None:  # once the step has compiled and passed the memory preflight
         if out_dir is None:
             return
@@ -473,8 +486,7 @@ def _train(
         compiled = prepare(run, log)
         open_outputs()
         return run, fit(run, out_dir, progress, log, compiled, monitor=monitor)
-    # A rerun of a finished run (its own checkpoint restored, at or past train.steps) saves nothing more.
-    if checkpointer.last_saved is None or checkpointer.last_saved < config.train.steps:
+    if not rerun:
         checkpointer.reserve_host_memory(run.state)  # beside the compilation, not beside the first steps
     try:
         compiled = prepare(run, log)

@@ -494,9 +494,19 @@ def test_preemption_saves_at_the_step_boundary_and_the_rerun_continues_exactly(t
 def test_rerunning_a_finished_run_restores_it_and_trains_nothing(tmp_path):
     cfg = config(steps=4, mesh=MeshConfig())
     first, _ = train.train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
-    again, history = train.train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    before = metrics.read_text()
+    logs = []
+    again, history = train.train(cfg, tmp_path / "run", progress=False, log=logs.append)
     assert_same_state(first.state, again.state)
-    assert not [r for r in history if "loss" in r]
+    assert history == [] and metrics.read_text() == before  # nothing compiled, evaluated or written
+    assert "the run is already complete (step 4 of train.steps=4): nothing to train" in logs[-1]
+    # stopped between its last save and its final evaluation: the rerun evaluates, and trains nothing
+    lines = before.splitlines(keepends=True)
+    assert json.loads(lines[-1]) == {"step": 4, "eval_loss": json.loads(lines[-1])["eval_loss"]}
+    metrics.write_text("".join(lines[:-1]))
+    _, history = train.train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
+    assert [r for r in history if "loss" in r] == [] and history[-1]["step"] == 4 and "eval_loss" in history[-1]
 
 
 def test_resuming_with_fewer_steps_than_the_checkpoint_is_refused_and_writes_nothing(tmp_path):
