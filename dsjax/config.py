@@ -16,6 +16,7 @@ import difflib
 import functools
 import json
 import math
+import numbers
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -620,7 +621,12 @@ def _check_fields(section: Any) -> None:
     before the section's own checks compare it with numbers (Python callers pass any object)."""
     name = _section_name(type(section))
     for key, kind in _field_types(type(section)).items():
-        _check_type(f"{name}.{key}", getattr(section, key), kind)
+        value = getattr(section, key)
+        if kind in (int, float) and isinstance(value, numbers.Real) and not isinstance(value, bool | int | float):
+            # a NumPy (or other) scalar from a caller's arithmetic: the plain number, which config.json can hold
+            value = kind(value) if kind is float or isinstance(value, numbers.Integral) else value
+            object.__setattr__(section, key, value)
+        _check_type(f"{name}.{key}", value, kind)
 
 
 def _check_sections(config: Any) -> None:

@@ -468,6 +468,16 @@ def test_python_callers_get_the_field_and_value_of_a_wrong_type(make, fragments)
     assert TrainConfig(lr=1).lr == 1  # an int where a float is due
 
 
+def test_numpy_scalars_become_plain_numbers():
+    import numpy as np
+
+    train = TrainConfig(steps=np.int64(40), batch_size=np.int32(8), lr=np.float32(0.5))
+    assert (train.steps, train.batch_size, train.lr) == (40, 8, 0.5)
+    assert [type(v) for v in (train.steps, train.batch_size, train.lr)] == [int, int, float]
+    assert json.loads(Config(train=train).to_json())["train"]["steps"] == 40
+    raises(lambda: TrainConfig(steps=np.float64(40.5)), "train.steps must be an integer")
+
+
 def _help_line(text: str, section: str, name: str) -> str:
     prefix = f"  --{section}.{name}="
     lines = [line for line in text.splitlines() if line.startswith(prefix)]
