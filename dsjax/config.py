@@ -613,7 +613,7 @@ def _field_types(section_cls: type) -> dict[str, Any]:
 
 @functools.cache
 def _section_name(section_cls: type) -> str:
-    return next(name for name, cls in SECTIONS.items() if cls is section_cls)
+    return next((name for name, cls in SECTIONS.items() if issubclass(section_cls, cls)), section_cls.__name__)
 
 
 def _check_fields(section: Any) -> None:

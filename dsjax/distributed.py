@@ -93,6 +93,10 @@ def initialize(
     backend: "auto" (NCCL on GPUs, Gloo on CPUs), "gloo" (CPU devices only) or "nccl" (GPUs required).
     peer_timeout_s: how long a silent or dead peer may hold the others up before they exit
     (PEER_LOST_EXIT_CODE, naming it); default DSJAX_PEER_TIMEOUT or 60 s.
+
+    SIGTERM keeps the handler it had before (called from the main thread): jax.distributed's own handler, which
+    only notes the signal for `multihost_utils.reached_preemption_sync_point`, is replaced, so that function
+    never reports a preemption in a job dsjax started (dsjax stops at its own agreed step instead).
     """
     if backend not in BACKENDS:
         raise JobConfigError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}.")

@@ -50,7 +50,9 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     if "--" in argv:
         cut = argv.index("--")
         argv, rest = argv[:cut], argv[cut + 1 :]
-    p = argparse.ArgumentParser(prog="python -m dsjax.launch", usage=USAGE, description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m dsjax.launch", usage=USAGE, description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     p.add_argument("--nproc", type=int, required=True, help="processes to start (one per GPU on GPU hosts)")
     p.add_argument("--cpu-devices-per-proc", type=int, default=None, help="CPU devices per process (CPU runs)")
     p.add_argument("--gpus-per-proc", type=int, default=None, help="GPUs per process (CUDA_VISIBLE_DEVICES blocks)")
@@ -89,12 +91,10 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         )
     if not 0 <= args.port < 65536:
         raise LaunchError(f"--port must be in 0..65535, got {args.port}.")
-    if args.cpu_devices_per_proc is not None and any(
-        a == "--cpu-devices" or a.startswith("--cpu-devices=") for a in rest
-    ):
+    if args.run == "dsjax.train" and any(a == "--cpu-devices" or a.startswith("--cpu-devices=") for a in rest):
         raise LaunchError(
-            "--cpu-devices after `--` would override --cpu-devices-per-proc (and the threads the launcher sized "
-            "for it); give the devices once, as --cpu-devices-per-proc."
+            "--cpu-devices after `--` would set each process's CPU devices behind the launcher's back (past its "
+            "device cap, without the threads it sizes for them); give them as --cpu-devices-per-proc."
         )
     if args.run == "dsjax.train" and not any(a.startswith("--out=") or a == "--out" for a in rest):
         rest.append(f"--out=runs/{time.strftime('%Y%m%d-%H%M%S')}-launch")

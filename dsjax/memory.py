@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -54,19 +55,37 @@ def device_limit(device: jax.Device) -> int | None:
     return (stats or {}).get("bytes_limit")
 
 
+def _cgroup_limit_files(root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")) -> list[Path]:
+    """The memory-limit files of this process's control groups, its own group's and every enclosing one's
+    (a SLURM job's or a systemd unit's limit sits on a group above the process, not at the root)."""
+    groups = {"memory.max": [Path("/")], "memory.limit_in_bytes": [Path("/")]}
+    with contextlib.suppress(OSError):
+        for line in own.read_text().splitlines():  # v2: "0::/path"; v1: "N:memory:/path"
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                groups["memory.max"].append(Path(path))
+            elif "memory" in controllers.split(","):
+                groups["memory.limit_in_bytes"].append(Path(path))
+    files = []
+    for name, paths in groups.items():
+        base = root if name == "memory.max" else root / "memory"
+        for path in paths:
+            files += [base / p.relative_to("/") / name for p in (path, *path.parents)]
+    return sorted(set(files))
+
+
 def host_memory() -> int | None:
-    """Bytes of memory this process may use at most: the machine's physical memory, or its container's
-    (cgroup v2 or v1) limit where that is lower; None where neither can be read."""
+    """Bytes of memory this process may use at most: the machine's physical memory, or the lowest limit of
+    its control groups (cgroup v2 or v1) where that is lower; None where none of them can be read."""
     sizes = []
     with contextlib.suppress(ValueError, OSError, AttributeError):  # not a POSIX system that reports it
         sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    for path in _cgroup_limit_files():
         try:
-            with open(path) as f:
-                text = f.read().strip()
+            text = path.read_text().strip()
         except OSError:
             continue
-        if text.isdigit():  # "max" where the container has no limit
+        if text.isdigit():  # "max" where a group has no limit
             sizes.append(int(text))
     return min(sizes) if sizes else None
 
@@ -74,7 +93,9 @@ def host_memory() -> int | None:
 def budget(config: Config, device: jax.Device) -> tuple[int | None, str]:
     """(bytes, where the number comes from): train.memory_budget_gb if set, else the device's limit; on CPUs,
     which report none, the machine's memory shared by the CPU devices of the job's processes on it (a step
-    that needs more cannot run; one that fits may still not, as the host holds more than the step)."""
+    that needs more cannot run; one that fits may still not, as the host holds more than the step). The
+    processes on the machine are known from the job's environment (dsjax.launch, torchrun, SLURM, Open MPI);
+    a job joined with explicit arguments or by jax.distributed alone counts as one per machine."""
     if config.train.memory_budget_gb > 0:
         return int(config.train.memory_budget_gb * GIB), "train.memory_budget_gb"
     limit = device_limit(device)
@@ -145,7 +166,10 @@ def preflight(config: Config, mem, device: jax.Device, degrees: dict[str, int]) 
     if config.precision.policy == "fp32":
         knobs.append("--precision.policy=bf16 (half-size activations)")
     if device.platform == "cpu" and source != "train.memory_budget_gb":
-        knobs.append("a GPU, or a machine with more memory")
+        knobs.append(
+            "a GPU, or a machine with more memory (--train.memory_budget_gb=N checks against N GiB a device "
+            "instead, where you know the machine can give more)"
+        )
     elif source != "train.memory_budget_gb":
         knobs.append("a larger XLA_PYTHON_CLIENT_MEM_FRACTION (dsjax sets 0.9 where it is unset)")
     raise ConfigError(

@@ -185,9 +185,10 @@ def _records(records) -> list[dict]:
     """`records` if it is a list of records with steps; else a ReportError that says what to pass."""
     if isinstance(records, str | Path):
         raise ReportError(f"pass the records, not a path: load({str(records)!r}) reads a run directory's records.")
+    records = list(records)  # an iterator is read once
     if not all(isinstance(r, dict) and isinstance(r.get("step"), int) for r in records):
         raise ReportError("every record must be a dict with an integer 'step' (from load(run_dir) or train's history).")
-    return list(records)
+    return records
 
 
 def summary(run_dir: str | Path | None, records: list[dict]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -258,9 +259,9 @@ def sample(run: Run, prompt: str, n_tokens: int, temperature: float = 0.8, seed:
     """Continue `prompt` by `n_tokens` sampled tokens; None when the data has no tokenizer."""
     if not isinstance(prompt, str):
         raise ConfigError(f"sample's prompt must be a string, got {prompt!r} ({type(prompt).__name__}).")
-    if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 0:
+    if not isinstance(n_tokens, numbers.Integral) or isinstance(n_tokens, bool) or n_tokens < 0:
         raise ConfigError(f"sample's n_tokens must be an integer >= 0, got {n_tokens!r}.")
-    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
         raise ConfigError(f"sample's temperature must be a finite number >= 0 (0: greedy), got {temperature!r}.")
     corpus = run.corpus
     if corpus is None or corpus.encode is None:

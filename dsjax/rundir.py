@@ -42,29 +42,32 @@ def changed_data_settings(saved: dict, config: Config) -> list[str]:
     return changed
 
 
-def _logged(out_dir: Path, key: str) -> list[int]:
-    """The steps of out_dir/metrics.jsonl's records that hold `key` (unreadable lines skipped)."""
+def _records(out_dir: Path) -> list[dict]:
+    """The records of out_dir/metrics.jsonl that have an integer step, in order (unreadable lines skipped)."""
     path = out_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    steps = []
+    records = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        with contextlib.suppress(ValueError, TypeError):
+        with contextlib.suppress(ValueError):
             record = json.loads(line)
-            if isinstance(record, dict) and key in record:
-                steps.append(int(record["step"]))
-    return steps
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+    return records
 
 
 def last_logged_step(out_dir: Path) -> int:
     """The last training step an earlier attempt logged in out_dir/metrics.jsonl (0 if none): steps up to
     it that this attempt runs again are time lost to the restart."""
-    return max(_logged(out_dir, "loss"), default=0)
+    return max((r["step"] for r in _records(out_dir) if "loss" in r), default=0)
 
 
 def finished(out_dir: Path | None, steps: int) -> bool:
-    """Whether the run in out_dir logged its final evaluation, at step `steps` (the last thing a run does)."""
-    return out_dir is not None and steps in _logged(out_dir, "eval_loss")
+    """Whether the last record in out_dir/metrics.jsonl is the final evaluation, at step `steps`: the last
+    thing a run writes. (A later attempt writes its restored_from record first, so a run that was resumed
+    after its final evaluation, and stopped again, is not taken as finished.)"""
+    records = [] if out_dir is None else _records(out_dir)
+    return bool(records) and records[-1]["step"] == steps and "eval_loss" in records[-1]
 
 
 def holds_checkpoints(directory: Path) -> bool:

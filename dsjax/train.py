@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from dsjax import checkpoint as ckpt
@@ -396,6 +397,8 @@ def train(
     (checkpoint.restore='auto'); otherwise it must be new or empty. The directory is created only once
     the step has compiled and passed the memory preflight, so a run rejected before training leaves
     nothing behind. SIGTERM / SIGINT save a checkpoint at the next step boundary and raise Preempted.
+    A run that has already ended (its final checkpoint and evaluation on record) is restored and returned
+    with an empty history: nothing is compiled, trained or written.
     """
     goodput = Goodput()
     c = config.checkpoint
@@ -456,9 +459,9 @@ def _train(
                 "checkpoint fixes the model and the data position, so training goes on with these."
             )
 
-    # A rerun of a finished run (its own checkpoint restored, at or past train.steps) trains and saves nothing.
-    rerun = checkpointer is not None and (checkpointer.last_saved or -1) >= config.train.steps
-    if rerun and rundir.finished(out_dir, config.train.steps):
+    # A rerun of a finished run (its own checkpoint of step train.steps restored) trains and saves nothing.
+    rerun = checkpointer is not None and checkpointer.last_saved == config.train.steps
+    if rerun and _agree(rundir.finished(out_dir, config.train.steps)):
         # The same command again after the run ended: its final checkpoint and evaluation are the result, so
         # nothing is compiled, evaluated or written. (A run stopped between its last save and its final
         # evaluation goes on below: its rerun compiles and evaluates.)
@@ -502,6 +505,16 @@ def _train(
         raise
     checkpointer.close()
     return run, history
+
+
+def _agree(flag: bool) -> bool:
+    """Process 0's `flag`, on every process of a job (each read the shared run directory for itself, and a
+    file system's caches may show them different contents)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 def _parse(argv: Sequence[str]) -> tuple[Config, dict]:
@@ -569,12 +582,12 @@ def _main(argv: Sequence[str]) -> int:
         return code
     out = Path(options["out"]).expanduser() if options["out"] else rundir.default_out(options["preset"])
     try:
-        run, _ = train(config, out, progress=primary, log=say)
+        run, history = train(config, out, progress=primary, log=say)
     except TrainingError:
         if out.is_dir():
             say(f"run directory: {out.resolve()}")
         raise
-    if config.train.sample_tokens:
+    if config.train.sample_tokens and history:  # an empty history: a run that had already ended, left as it was
         text = sample(run, "def ", config.train.sample_tokens, seed=config.train.seed)
         if text is not None:
             say("sample:\n" + text)

@@ -507,6 +507,11 @@ def test_rerunning_a_finished_run_restores_it_and_trains_nothing(tmp_path):
     metrics.write_text("".join(lines[:-1]))
     _, history = train.train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
     assert [r for r in history if "loss" in r] == [] and history[-1]["step"] == 4 and "eval_loss" in history[-1]
+    # an attempt after the final evaluation that stopped before its own: that evaluation is stale
+    with open(metrics, "a") as f:
+        f.write(json.dumps({"step": 2, "restored_from": "elsewhere"}) + "\n")
+    _, history = train.train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
+    assert history and history[-1] == json.loads(metrics.read_text().splitlines()[-1])
 
 
 def test_resuming_with_fewer_steps_than_the_checkpoint_is_refused_and_writes_nothing(tmp_path):

@@ -331,6 +331,8 @@ def test_dsjax_leaves_its_cache_off_on_several_cpu_devices(tmp_path, caplog, mon
         (["--nproc=2", "--preset=tiny"], ["unknown launcher flag(s) --preset=tiny", "go after `--`"]),
         (["--nproc=2", "--cpu-devices-per-proc=1", "--gpus-per-proc=1"], ["exclude each other"]),
         (["--nproc=2", "--cpu-devices-per-proc=2", "--", "--cpu-devices=4"], ["--cpu-devices after `--`"]),
+        (["--nproc=4", "--", "--cpu-devices=200"], ["--cpu-devices after `--`", "--cpu-devices-per-proc"]),
+        (["--nproc=2", "--cpu-devices=4"], ["unknown launcher flag(s) --cpu-devices=4"]),  # not an abbreviation
     ],
 )
 def test_launcher_flags_are_checked(argv, words):

@@ -251,6 +251,29 @@ def test_on_cpus_the_budget_is_the_machines_memory_over_its_devices(monkeypatch,
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_host_memory_takes_the_lowest_limit_of_the_processs_control_groups(tmp_path, monkeypatch):
+    """A SLURM job's or systemd unit's memory limit sits on a group above the process, not at the root."""
+    from dsjax import memory
+
+    own = tmp_path / "proc-self-cgroup"
+    own.write_text("4:memory,cpu:/job/step\n0::/slice/job/step\n")
+    root = tmp_path / "cgroup"
+    for folder, name, text in [
+        ("", "memory.max", "max"),  # no limit at the root
+        ("slice/job", "memory.max", str(3 * 2**30)),  # v2: the job's 3 GiB
+        ("slice/job/step", "memory.max", "max"),
+        ("memory/job", "memory.limit_in_bytes", str(2**63 - 4096)),  # v1: "unlimited"
+    ]:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / name).write_text(text + "\n")
+    files = memory._cgroup_limit_files(root, own)
+    assert root / "slice/job/memory.max" in files and root / "memory/job/step/memory.limit_in_bytes" in files
+    monkeypatch.setattr(memory, "_cgroup_limit_files", lambda: files)
+    assert memory.host_memory() == min(
+        3 * 2**30, memory.os.sysconf("SC_PAGE_SIZE") * memory.os.sysconf("SC_PHYS_PAGES")
+    )
+
+
 def test_remat_dtype_is_unchanged():
     fn, params = grad_fn("full", 2)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(fn(params, BATCH)))
