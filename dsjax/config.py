@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import numbers
+import os
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -625,6 +626,9 @@ def _check_fields(section: Any) -> None:
         if kind in (int, float) and isinstance(value, numbers.Real) and not isinstance(value, bool | int | float):
             # a NumPy (or other) scalar from a caller's arithmetic: the plain number, which config.json can hold
             value = kind(value) if kind is float or isinstance(value, numbers.Integral) else value
+            object.__setattr__(section, key, value)
+        elif kind is str and isinstance(value, os.PathLike):  # a pathlib.Path for a path field
+            value = os.fspath(value)
             object.__setattr__(section, key, value)
         _check_type(f"{name}.{key}", value, kind)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -30,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from dsjax.jobenv import MAX_CPU_DEVICES, cpu_thread_env
 
@@ -89,6 +91,14 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
             f"{args.nproc * args.cpu_devices_per_proc} simulated CPU devices on this machine, more than "
             f"{MAX_CPU_DEVICES}: each brings its own threads, and thousands take minutes to start and stop."
         )
+    if args.run.endswith(".py"):
+        if not Path(args.run).is_file():
+            raise LaunchError(f"--run={args.run}: there is no such script.")
+    elif not _importable(args.run):
+        raise LaunchError(
+            f"--run={args.run}: no module of that name can be imported here; give a module (dsjax.train, the "
+            "default) or a script ending in .py."
+        )
     if not 0 <= args.port < 65536:
         raise LaunchError(f"--port must be in 0..65535, got {args.port}.")
     if args.run == "dsjax.train" and any(a == "--cpu-devices" or a.startswith("--cpu-devices=") for a in rest):
@@ -99,6 +109,14 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     if args.run == "dsjax.train" and not any(a.startswith("--out=") or a == "--out" for a in rest):
         rest.append(f"--out=runs/{time.strftime('%Y%m%d-%H%M%S')}-launch")
     return args, rest
+
+
+def _importable(module: str) -> bool:
+    """Whether `module` can be found (its parent packages are imported to look; not the module itself)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def free_port() -> int:
@@ -247,7 +265,7 @@ def launch(args: argparse.Namespace, rest: list[str]) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        nproc, attempt = args.nproc, 0
+        nproc, attempt, first = args.nproc, 0, time.monotonic()
         while True:
             if received:  # a signal between attempts: start nothing
                 say(f"stopped by {signal.Signals(received[0]).name} before attempt {attempt + 1}")
@@ -261,7 +279,8 @@ def launch(args: argparse.Namespace, rest: list[str]) -> int:
             started = time.monotonic()
             codes, failed = job[0].wait(stop)
             if not failed:
-                say(f"all {nproc} process(es) finished in {time.monotonic() - started:.1f} s")
+                total = f" ({time.monotonic() - first:.1f} s since attempt 1 started)" if attempt else ""
+                say(f"all {nproc} process(es) finished in {time.monotonic() - started:.1f} s{total}")
                 return 0
             listed = ", ".join(f"rank {r}: {_describe(codes[r])}" for r in failed)
             if received:

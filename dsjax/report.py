@@ -96,8 +96,8 @@ def load(run_dir: str | Path, log: Callable[[str], None] = print) -> list[dict]:
             # A key this version does not know comes from a newer dsjax: left out, so old tools still read it.
             record = {k: v for k, v in record.items() if k in FIELDS}
             check_record(record)
-            if not isinstance(record["step"], int):  # check_record lets null through, as for any key
-                raise ValueError(f"its step is {record['step']!r}, not an integer")
+            if not isinstance(record["step"], int) or record["step"] < 0:  # check_record lets null through
+                raise ValueError(f"its step is {record['step']!r}, not an integer >= 0")
         except ValueError as err:
             raise ReportError(f"{path}, line {n}: {err} (see dsjax.metrics.SCHEMA).") from None
         records.append(record)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import pathlib
 
 import pytest
 
@@ -468,7 +469,7 @@ def test_python_callers_get_the_field_and_value_of_a_wrong_type(make, fragments)
     assert TrainConfig(lr=1).lr == 1  # an int where a float is due
 
 
-def test_numpy_scalars_become_plain_numbers():
+def test_numpy_scalars_and_paths_become_plain_values():
     import numpy as np
 
     train = TrainConfig(steps=np.int64(40), batch_size=np.int32(8), lr=np.float32(0.5))
@@ -476,6 +477,7 @@ def test_numpy_scalars_become_plain_numbers():
     assert [type(v) for v in (train.steps, train.batch_size, train.lr)] == [int, int, float]
     assert json.loads(Config(train=train).to_json())["train"]["steps"] == 40
     raises(lambda: TrainConfig(steps=np.float64(40.5)), "train.steps must be an integer")
+    assert DataConfig(source="text", path=pathlib.Path("/data/x")).path == "/data/x"  # a path field takes a Path
 
 
 def _help_line(text: str, section: str, name: str) -> str:

@@ -333,6 +333,8 @@ def test_dsjax_leaves_its_cache_off_on_several_cpu_devices(tmp_path, caplog, mon
         (["--nproc=2", "--cpu-devices-per-proc=2", "--", "--cpu-devices=4"], ["--cpu-devices after `--`"]),
         (["--nproc=4", "--", "--cpu-devices=200"], ["--cpu-devices after `--`", "--cpu-devices-per-proc"]),
         (["--nproc=2", "--cpu-devices=4"], ["unknown launcher flag(s) --cpu-devices=4"]),  # not an abbreviation
+        (["--nproc=2", "--run=missing.py"], ["--run=missing.py: there is no such script"]),
+        (["--nproc=2", "--run=no_such_module.train"], ["--run=no_such_module.train: no module of that name"]),
     ],
 )
 def test_launcher_flags_are_checked(argv, words):
@@ -435,7 +437,7 @@ if mode == "always":
     "mode, flags, code, words",
     [
         ("config", [], 2, ["rejected its configuration (rank 1: exit 2); not restarting"]),
-        ("flaky", [], 0, ["restarting all 2", "attempt 2: 2 process(es)", "all 2 process(es) finished"]),
+        ("flaky", [], 0, ["restarting all 2", "attempt 2: 2 process(es)", "s since attempt 1 started)"]),
         ("crash", ["--min-nproc=1"], 0, ["killed by SIGKILL", "restarting with 1 (elastic", "all 1 process(es)"]),
         ("crash", [], 0, ["restarting all 2"]),
         ("always", ["--max-restarts=1"], 3, ["giving up after 1 restart(s)"]),

@@ -137,6 +137,7 @@ def test_history_with_nan_and_no_run_dir():
         ("[1, 2]", "expected a JSON object, got list"),
         ('{"loss": 1.0}', "without a step"),
         ('{"step": null}', "its step is None, not an integer"),
+        ('{"step": -5, "loss": 1.0}', "its step is -5, not an integer >= 0"),
         (b"\xff\xfe", "not valid JSON"),
         ('{"step": 1, "loss": "low"}', "metrics key 'loss' holds 'low'"),
     ],
