@@ -470,10 +470,7 @@ class Config:
             names = {f.name for f in dataclasses.fields(section_cls)}
             bad = sorted(set(values) - names)
             _require(not bad, f"unknown field(s) {', '.join(f'{name}.{b}' for b in bad)} in the config.")
-            types = _field_types(section_cls)
-            for key, value in values.items():
-                _check_type(f"{name}.{key}", value, types[key])
-            sections[name] = section_cls(**values)
+            sections[name] = section_cls(**values)  # which checks its fields' types (_check_fields)
         return cls(**sections)
 
 
@@ -622,15 +619,21 @@ def _check_fields(section: Any) -> None:
     before the section's own checks compare it with numbers (Python callers pass any object)."""
     name = _section_name(type(section))
     for key, kind in _field_types(type(section)).items():
-        value = getattr(section, key)
-        if kind in (int, float) and isinstance(value, numbers.Real) and not isinstance(value, bool | int | float):
-            # a NumPy (or other) scalar from a caller's arithmetic: the plain number, which config.json can hold
-            value = kind(value) if kind is float or isinstance(value, numbers.Integral) else value
-            object.__setattr__(section, key, value)
-        elif kind is str and isinstance(value, os.PathLike):  # a pathlib.Path for a path field
-            value = os.fspath(value)
-            object.__setattr__(section, key, value)
+        value = _plain(getattr(section, key), kind)
+        object.__setattr__(section, key, value)  # frozen: the plain value replaces what was given
         _check_type(f"{name}.{key}", value, kind)
+
+
+def _plain(value: Any, kind: type) -> Any:
+    """`value` as config.json can hold it where a caller's object stands for one: a NumPy scalar's number
+    (an integer for an int field, any real for a float field), a pathlib.Path's string; else `value`."""
+    if kind is str and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, bool | int | float) or not isinstance(value, numbers.Real):
+        return value
+    if kind is float or (kind is int and isinstance(value, numbers.Integral)):
+        return kind(value)
+    return value
 
 
 def _check_sections(config: Any) -> None:

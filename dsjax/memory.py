@@ -58,20 +58,17 @@ def device_limit(device: jax.Device) -> int | None:
 def _cgroup_limit_files(root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")) -> list[Path]:
     """The memory-limit files of this process's control groups, its own group's and every enclosing one's
     (a SLURM job's or a systemd unit's limit sits on a group above the process, not at the root)."""
-    groups = {"memory.max": [Path("/")], "memory.limit_in_bytes": [Path("/")]}
+    v2, v1 = [Path("/")], [Path("/")]  # each hierarchy's root group, and this process's group in it
     with contextlib.suppress(OSError):
         for line in own.read_text().splitlines():  # v2: "0::/path"; v1: "N:memory:/path"
             _, controllers, path = line.split(":", 2)
             if controllers == "":
-                groups["memory.max"].append(Path(path))
+                v2.append(Path(path))
             elif "memory" in controllers.split(","):
-                groups["memory.limit_in_bytes"].append(Path(path))
-    files = []
-    for name, paths in groups.items():
-        base = root if name == "memory.max" else root / "memory"
-        for path in paths:
-            files += [base / p.relative_to("/") / name for p in (path, *path.parents)]
-    return sorted(set(files))
+                v1.append(Path(path))
+    files = {root / p.relative_to("/") / "memory.max" for g in v2 for p in (g, *g.parents)}
+    files |= {root / "memory" / p.relative_to("/") / "memory.limit_in_bytes" for g in v1 for p in (g, *g.parents)}
+    return sorted(files)
 
 
 def host_memory() -> int | None:
@@ -165,13 +162,13 @@ def preflight(config: Config, mem, device: jax.Device, degrees: dict[str, int]) 
         knobs.append(knob)
     if config.precision.policy == "fp32":
         knobs.append("--precision.policy=bf16 (half-size activations)")
-    if device.platform == "cpu" and source != "train.memory_budget_gb":
+    if source != "train.memory_budget_gb":  # the budget is the device's (or, on CPUs, the machine's) own
         knobs.append(
             "a GPU, or a machine with more memory (--train.memory_budget_gb=N checks against N GiB a device "
             "instead, where you know the machine can give more)"
+            if device.platform == "cpu"
+            else "a larger XLA_PYTHON_CLIENT_MEM_FRACTION (dsjax sets 0.9 where it is unset)"
         )
-    elif source != "train.memory_budget_gb":
-        knobs.append("a larger XLA_PYTHON_CLIENT_MEM_FRACTION (dsjax sets 0.9 where it is unset)")
     raise ConfigError(
         f"the compiled train step needs {fmt_bytes(need)} per device (arguments "
         f"{fmt_bytes(mem.argument_size_in_bytes)} + outputs {fmt_bytes(mem.output_size_in_bytes)} - donated "

@@ -133,7 +133,7 @@ def figures(records: list[dict]):
     """{plot name: matplotlib Figure} for the plots that have data; `records` from `load` or `train`'s history."""
     from matplotlib.figure import Figure  # here, not at the top: load and summary work without matplotlib
 
-    records = latest(_records(records))
+    records = latest(_checked(records))
     figs = {}
     for name in _present(records):
         ylabel, series = PLOTS[name]
@@ -181,7 +181,7 @@ def _config(run_dir: str | Path | None) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def _records(records) -> list[dict]:
+def _checked(records) -> list[dict]:
     """`records` if it is a list of records with steps; else a ReportError that says what to pass."""
     if isinstance(records, str | Path):
         raise ReportError(f"pass the records, not a path: load({str(records)!r}) reads a run directory's records.")
@@ -193,7 +193,7 @@ def _records(records) -> list[dict]:
 
 def summary(run_dir: str | Path | None, records: list[dict]) -> str:
     """summary.md's markdown for `records` (config.json read from `run_dir` when there is one; None: no config)."""
-    records = latest(_records(records))
+    records = latest(_checked(records))
     train = [r for r in records if _kind(r) == "train"]
     evals = [r for r in records if _kind(r) == "eval"]
     out, config = ["# dsjax run report", ""] + [f"- run: `{run_dir}`"] * (run_dir is not None), _config(run_dir)
